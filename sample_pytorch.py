@@ -1,0 +1,284 @@
+"""A variational autoencoder (VAE) on MNIST in PyTorch; sample_keras.py is its mirror image.
+
+The model (Kingma and Welling, 2014):
+    encoder    q(z|x) = N(z; z_mean(x), diag(exp(z_log_var(x))))
+    prior      p(z)   = N(0, I)
+    decoder    p(x|z) = prod over the 784 pixels of Bernoulli(x_i; sigmoid(logits_i(z)))
+
+Training maximises the evidence lower bound, ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)),
+i.e. it minimises, in nats per image,
+    reconstruction_loss = -log p(x|z)  summed over the 784 pixels, from logits (no log(0)),
+    kl_loss             = -1/2 * sum_j (1 + z_log_var_j - z_mean_j^2 - exp(z_log_var_j)),
+    loss                = reconstruction_loss + kl_loss = -ELBO,
+with one sample z = z_mean + exp(z_log_var / 2) * eps, eps ~ N(0, I) (the reparameterization
+trick, which makes the sample differentiable in z_mean and z_log_var: the SGVB estimator).
+
+Run:
+    python3 sample_pytorch.py                                  # MNIST, downloaded and cached
+    python3 sample_pytorch.py --data-dir DIR                   # the four IDX files, offline
+    python3 sample_pytorch.py --arch conv --latent-dim 16 --epochs 30
+Everything lands in --out-dir (default outputs/pytorch); --help lists every flag.
+"""
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+import vae_common as common
+
+FRAMEWORK = "pytorch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+def select_device(name):
+    """--device auto|cpu|gpu -> torch.device; auto prefers CUDA, then Apple's MPS, then the CPU."""
+    accelerator = ("cuda" if torch.cuda.is_available()
+                   else "mps" if torch.backends.mps.is_available() else None)
+    if name == "gpu" and accelerator is None:
+        raise common.UserError("--device gpu: PyTorch sees no CUDA or MPS device; "
+                               "use --device cpu or auto")
+    return torch.device(accelerator if name != "cpu" and accelerator else "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+def load_data(dataset, data_dir):
+    """(x_train, y_train, x_test, y_test): images as float32 rows of 784 pixels in [0, 1]."""
+    if data_dir is not None:
+        x_train, y_train, x_test, y_test = common.load_idx_dir(data_dir)
+    else:
+        cls = {"mnist": torchvision.datasets.MNIST,
+               "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
+        root = os.path.join(os.path.expanduser("~"), ".cache", "torchvision")
+        try:  # torchvision downloads once and caches under root
+            train, test = (cls(root, train=split, download=True) for split in (True, False))
+        except Exception as error:  # no network, proxy, server down: all end the same way
+            raise common.UserError(common.download_hint(dataset, error))
+        x_train, y_train = train.data.numpy(), train.targets.numpy()
+        x_test, y_test = test.data.numpy(), test.targets.numpy()
+    return common.to_unit_interval(x_train), y_train, common.to_unit_interval(x_test), y_test
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+HIDDEN = 256  # width of the fully connected layers next to z (both architectures)
+
+
+def build_encoder(arch, latent_dim):
+    """x (N, 784) -> features; the two heads in VAE turn them into z_mean and z_log_var."""
+    if arch == "mlp":
+        return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, HIDDEN), nn.ReLU())
+    # kernel 4, stride 2, padding 1 halves 28 -> 14 -> 7 and lines the windows up exactly as
+    # Keras's padding="same" does, so both frameworks compute the same function.
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, HIDDEN), nn.ReLU())
+
+
+def build_decoder(arch, latent_dim):
+    """z (N, latent_dim) -> logits (N, 784) of the Bernoulli pixel probabilities."""
+    if arch == "mlp":
+        return nn.Sequential(nn.Linear(latent_dim, HIDDEN), nn.ReLU(),
+                             nn.Linear(HIDDEN, 512), nn.ReLU(), nn.Linear(512, 784))
+    return nn.Sequential(
+        nn.Linear(latent_dim, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 64 * 7 * 7), nn.ReLU(),
+        nn.Unflatten(1, (64, 7, 7)),
+        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),
+        nn.Flatten())
+
+
+def reparameterize(z_mean, z_log_var, eps):
+    """z = mu + sigma * eps: a sample of q(z|x) that gradients flow through."""
+    return z_mean + torch.exp(0.5 * z_log_var) * eps
+
+
+class VAE(nn.Module):
+    def __init__(self, arch, latent_dim):
+        super().__init__()
+        self.encoder = build_encoder(arch, latent_dim)
+        self.z_mean = nn.Linear(HIDDEN, latent_dim)
+        self.z_log_var = nn.Linear(HIDDEN, latent_dim)
+        self.decoder = build_decoder(arch, latent_dim)
+
+    def encode(self, x):
+        features = self.encoder(x)
+        return self.z_mean(features), self.z_log_var(features)
+
+    def forward(self, x, eps=None):
+        """-> (logits, z_mean, z_log_var); eps ~ N(0, I) is drawn unless given (tests give it)."""
+        z_mean, z_log_var = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(z_mean)
+        return self.decoder(reparameterize(z_mean, z_log_var, eps)), z_mean, z_log_var
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+
+def negative_elbo(x, logits, z_mean, z_log_var):
+    """Per-image (reconstruction_loss, kl_loss) in nats; their sum is -ELBO."""
+    reconstruction_loss = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+    kl_loss = -0.5 * (1 + z_log_var - z_mean.square() - z_log_var.exp()).sum(1)
+    return reconstruction_loss, kl_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+def train_epoch(model, optimizer, x_train, batch_size, max_steps, generator, description):
+    """One pass over a fresh permutation of the in-memory training set; per-image means."""
+    model.train()
+    order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
+    steps = -(-len(x_train) // batch_size)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    totals = torch.zeros(2, device=x_train.device)  # summed on the device: no sync per step
+    seen = 0
+    bar = tqdm(range(steps), desc=description, leave=False, unit="batch")
+    for step in bar:
+        x = x_train[order[step * batch_size:(step + 1) * batch_size]]
+        reconstruction_loss, kl_loss = negative_elbo(x, *model(x))
+        loss = (reconstruction_loss + kl_loss).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals += torch.stack((reconstruction_loss.sum(), kl_loss.sum())).detach()
+        seen += len(x)
+    return _means(totals, seen)
+
+
+@torch.no_grad()
+def evaluate(model, x_test, batch_size=common.EVAL_BATCH_SIZE):
+    """-ELBO and its terms on the test set, with a sampled z as the ELBO is defined."""
+    model.eval()
+    totals = torch.zeros(2, device=x_test.device)
+    for start in range(0, len(x_test), batch_size):
+        x = x_test[start:start + batch_size]
+        reconstruction_loss, kl_loss = negative_elbo(x, *model(x))
+        totals += torch.stack((reconstruction_loss.sum(), kl_loss.sum()))
+    return _means(totals, len(x_test))
+
+
+def _means(totals, count):
+    reconstruction_loss, kl_loss = (totals / count).tolist()
+    return {"loss": reconstruction_loss + kl_loss, "reconstruction_loss": reconstruction_loss,
+            "kl_loss": kl_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# Artifacts
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def save_artifacts(model, x_test, y_test, history, args, generator):
+    """Every picture of the trained model; each decodes its whole batch in one call."""
+    model.eval()
+    out_dir, latent_dim = args.out_dir, args.latent_dim
+    to_numpy = lambda logits: torch.sigmoid(logits).cpu().numpy()  # Bernoulli means
+
+    originals = x_test[:20]
+    z_mean, _ = model.encode(originals)
+    common.save_reconstructions(os.path.join(out_dir, "reconstructions.png"),
+                                originals.cpu().numpy(), to_numpy(model.decoder(z_mean)))
+
+    z = torch.randn(100, latent_dim, generator=generator).to(x_test.device)
+    common.save_samples(os.path.join(out_dir, "samples.png"), to_numpy(model.decoder(z)))
+
+    z_mean = torch.cat([model.encode(x_test[i:i + common.EVAL_BATCH_SIZE])[0]
+                        for i in range(0, len(x_test), common.EVAL_BATCH_SIZE)]).cpu().numpy()
+    directions = common.principal_directions(z_mean)
+    common.save_latent_space(os.path.join(out_dir, "latent_space.png"), z_mean @ directions,
+                             y_test, common.CLASS_NAMES[args.dataset], latent_dim)
+
+    n = 20
+    grid = torch.from_numpy(common.latent_grid(directions, n)).to(x_test.device)
+    common.save_latent_manifold(os.path.join(out_dir, "latent_manifold.png"),
+                                to_numpy(model.decoder(grid)), n, latent_dim)
+
+    common.save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
+
+
+def save_checkpoint(path, model, args):
+    with common.atomic_path(path) as tmp:
+        torch.save({"framework": FRAMEWORK, "config": vars(args), "model": model.state_dict()},
+                   tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """The trained VAE from save_checkpoint, ready to encode and decode."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = VAE(checkpoint["config"]["arch"], checkpoint["config"]["latent_dim"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def run(args):
+    device = select_device(args.device)
+    common.prepare_out_dir(args.out_dir)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # batch order and prior samples
+    print(f"PyTorch {torch.__version__} on {device}")
+
+    x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
+    # The whole dataset lives on the device from here on: no per-batch copies or workers.
+    x_train, x_test = (torch.from_numpy(x).to(device) for x in (x_train, x_test))
+    print(f"data: {len(x_train)} training and {len(x_test)} test images")
+
+    model = VAE(args.arch, args.latent_dim).to(device)
+    # fused Adam updates all parameters in one kernel (CPU and CUDA); MPS lacks it.
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type != "mps")
+
+    history = []
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        train = train_epoch(model, optimizer, x_train, args.batch_size, args.steps_per_epoch,
+                            generator, f"epoch {epoch}/{args.epochs}")
+        test = evaluate(model, x_test)
+        history.append(common.epoch_record(epoch, train, test, time.perf_counter() - start))
+        print(common.format_record(history[-1], args.epochs), flush=True)
+
+    save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, args)
+    save_artifacts(model, x_test, y_test, history, args, generator)
+    test = common.final_test(history)
+    common.write_metrics(
+        os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend="torch",
+        config=vars(args), device=str(device),
+        versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
+        history=history, test=test)
+    print(f"test: loss {test['loss']:.2f} = reconstruction {test['reconstruction_loss']:.2f} "
+          f"+ kl {test['kl_loss']:.2f} nats/image; artifacts in {args.out_dir}")
+
+
+def main(argv=None):
+    args = common.parse_args(FRAMEWORK, argv)
+    try:
+        run(args)
+    except common.UserError as error:
+        common.fail(f"sample_{FRAMEWORK}.py", error)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Tests of sample_pytorch.py: the loss against independent computations, the model's shapes
+and gradients, reproducibility, the checkpoint, and the script run end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import check_run_outputs, run_script
+
+import sample_pytorch as sp
+
+
+def test_kl_loss_matches_a_monte_carlo_estimate():
+    torch.manual_seed(0)
+    z_mean, z_log_var = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3).double()
+    x, logits = torch.zeros(4, 784, dtype=torch.float64), torch.zeros(4, 784).double()
+    _, kl_loss = sp.negative_elbo(x, logits, z_mean, z_log_var)
+    q = torch.distributions.Normal(z_mean, torch.exp(0.5 * z_log_var))
+    p = torch.distributions.Normal(torch.zeros(3).double(), torch.ones(3).double())
+    z = q.sample((200_000,))
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    standard_error = (q.log_prob(z) - p.log_prob(z)).sum(-1).std(0) / math.sqrt(200_000)
+    assert torch.all((kl_loss - monte_carlo).abs() < 5 * standard_error + 1e-3)
+    assert torch.all(kl_loss >= 0)
+
+
+def test_kl_loss_is_zero_at_the_prior():
+    zeros = torch.zeros(5, 2)
+    _, kl_loss = sp.negative_elbo(torch.zeros(5, 784), torch.zeros(5, 784), zeros, zeros)
+    assert torch.equal(kl_loss, torch.zeros(5))
+
+
+def test_reconstruction_loss_matches_a_hand_computation():
+    x = torch.tensor([[0.0, 1.0, 0.3, 0.5]])
+    logits = torch.tensor([[-2.0, 3.0, 0.0, 1.0]])
+    p = 1 / (1 + np.exp(-np.array([-2.0, 3.0, 0.0, 1.0])))
+    expected = -sum(xi * np.log(pi) + (1 - xi) * np.log(1 - pi)
+                    for xi, pi in zip([0.0, 1.0, 0.3, 0.5], p))
+    reconstruction_loss, _ = sp.negative_elbo(x, logits, torch.zeros(1, 2), torch.zeros(1, 2))
+    assert reconstruction_loss.shape == (1,)
+    assert reconstruction_loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_losses_stay_finite_for_saturated_logits():
+    x = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    logits = torch.tensor([[-200.0, 200.0, 200.0, -200.0]])  # sigmoid is exactly 0 or 1 here
+    reconstruction_loss, _ = sp.negative_elbo(x, logits, torch.zeros(1, 2), torch.zeros(1, 2))
+    assert reconstruction_loss.item() == pytest.approx(400.0)
+
+
+def test_gradients_reach_z_mean_and_z_log_var_through_reparameterize():
+    z_mean = torch.tensor([0.5, -1.0], requires_grad=True)
+    z_log_var = torch.tensor([0.2, -0.4], requires_grad=True)
+    eps = torch.tensor([1.5, -0.5])
+    sp.reparameterize(z_mean, z_log_var, eps).sum().backward()
+    torch.testing.assert_close(z_mean.grad, torch.ones(2))
+    torch.testing.assert_close(z_log_var.grad, 0.5 * torch.exp(0.5 * z_log_var.detach()) * eps)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_shapes_for_both_architectures_and_odd_batches(arch, batch):
+    model = sp.VAE(arch, latent_dim=3)
+    logits, z_mean, z_log_var = model(torch.rand(batch, 784))
+    assert logits.shape == (batch, 784)
+    assert z_mean.shape == z_log_var.shape == (batch, 3)
+    reconstruction_loss, kl_loss = sp.negative_elbo(torch.rand(batch, 784), logits, z_mean,
+                                                    z_log_var)
+    assert reconstruction_loss.shape == kl_loss.shape == (batch,)
+
+
+def test_a_training_epoch_lowers_the_loss_and_evaluate_reports_per_image_means():
+    torch.manual_seed(0)
+    model = sp.VAE("mlp", 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = (torch.rand(64, 784) < 0.2).float()
+    before = sp.evaluate(model, x, batch_size=10)
+    for _ in range(5):
+        sp.train_epoch(model, optimizer, x, 16, None, torch.Generator().manual_seed(0), "test")
+    after = sp.evaluate(model, x, batch_size=10)
+    assert after["loss"] < before["loss"] - 50
+    assert after["loss"] == pytest.approx(after["reconstruction_loss"] + after["kl_loss"])
+
+
+def test_the_same_seed_gives_the_same_losses(tmp_path, data_dir):
+    histories = []
+    for run in ("a", "b"):
+        sp.main(["--data-dir", data_dir, "--out-dir", str(tmp_path / run), "--epochs", "2",
+                 "--device", "cpu", "--seed", "3"])
+        histories.append(json.loads((tmp_path / run / "metrics.json").read_text())["history"])
+    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    assert strip(histories[0]) == strip(histories[1])
+
+
+def test_the_checkpoint_reloads_and_decodes_identically(tmp_path):
+    model = sp.VAE("conv", 4).eval()
+    args = sp.common.parse_args("pytorch", ["--arch", "conv", "--latent-dim", "4"])
+    sp.save_checkpoint(str(tmp_path / "checkpoint.pt"), model, args)
+    reloaded = sp.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    z = torch.randn(6, 4)
+    with torch.no_grad():
+        assert torch.equal(model.decoder(z), reloaded.decoder(z))
+
+
+def test_select_device():
+    assert sp.select_device("cpu") == torch.device("cpu")
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        assert sp.select_device("auto") == torch.device("cpu")
+        with pytest.raises(sp.common.UserError, match="--device gpu"):
+            sp.select_device("gpu")
+
+
+def test_the_script_runs_end_to_end(tmp_path, data_dir):
+    out_dir = tmp_path / "out"
+    result = run_script("sample_pytorch.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                        "--epochs", "2", "--steps-per-epoch", "2", "--arch", "conv",
+                        "--latent-dim", "3")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2/2" in result.stdout and "on cpu" in result.stdout
+    metrics = check_run_outputs(out_dir, "checkpoint.pt", "pytorch", epochs=2)
+    assert metrics["backend"] == "torch" and metrics["device"] == "cpu"
+    assert metrics["config"]["arch"] == "conv" and metrics["config"]["latent_dim"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs: must be a positive int"),
+    (["--data-dir", "/nonexistent/mnist"], "no such folder"),
+])
+def test_bad_input_gives_one_line_and_no_traceback(tmp_path, args, message):
+    result = run_script("sample_pytorch.py", "--out-dir", tmp_path / "out", *args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0

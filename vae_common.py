@@ -1,0 +1,393 @@
+"""The framework-neutral half of the VAE examples, shared by sample_pytorch.py and sample_keras.py.
+
+It holds what does not depend on the deep-learning framework, written once so the two scripts
+cannot drift apart: the command-line contract, the reader for MNIST's IDX files, the plots
+(matplotlib's object API, so no display is ever needed), the metrics file, and atomic writes.
+It imports neither torch nor tensorflow.
+"""
+
+import argparse
+import contextlib
+import gzip
+import json
+import math
+import os
+import platform
+import struct
+import sys
+from statistics import NormalDist
+
+import numpy as np
+from matplotlib.figure import Figure
+
+IMAGE_SIDE = 28
+IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+
+# Chosen so that a default run on the full 60,000-image MNIST takes about two minutes on a
+# 2-core CPU (measured on the real 8,000-digit split and scaled by 7.5; see README).
+DEFAULT_EPOCHS = 20
+EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches are cheap
+
+CLASS_NAMES = {
+    "mnist": [str(digit) for digit in range(10)],
+    "fashion_mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+}
+
+# The four files of every MNIST-format dataset, as published (gzipped or not).
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# IDX type codes -> big-endian numpy dtypes (the format's spec, http://yann.lecun.com/exdb/mnist/).
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+HISTORY_KEYS = ("epoch", "train_loss", "train_reconstruction_loss", "train_kl_loss",
+                "test_loss", "test_reconstruction_loss", "test_kl_loss", "seconds")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: one definition, so both scripts take the same flags with the same defaults.
+# ----------------------------------------------------------------------------------------------
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def build_parser(framework):
+    """The flags both scripts take; only the default --out-dir differs (outputs/<framework>)."""
+    parser = _OneLineParser(
+        prog=f"sample_{framework}.py",
+        description=f"Train a variational autoencoder on MNIST with {framework} and save "
+                    "reconstructions, samples, latent-space plots, curves, metrics and a checkpoint.")
+    parser.add_argument("--epochs", type=_positive(int), default=DEFAULT_EPOCHS,
+                        help="passes over the training set (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive(int), default=128,
+                        help="images per training step (default: %(default)s)")
+    parser.add_argument("--latent-dim", type=_positive(int), default=2,
+                        help="size of z; 2 makes both latent plots exact, larger ones are shown "
+                             "on their two principal directions (default: %(default)s)")
+    parser.add_argument("--arch", choices=("mlp", "conv"), default="mlp",
+                        help="fully connected or convolutional encoder/decoder (default: %(default)s)")
+    parser.add_argument("--lr", type=_positive(float), default=1e-3,
+                        help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for weights, batch order and noise (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="auto: the framework's accelerator if there is one, else the CPU "
+                             "(default: %(default)s)")
+    parser.add_argument("--dataset", choices=tuple(CLASS_NAMES), default="mnist",
+                        help="which dataset to download (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="read the four IDX files (gzipped or not) from this folder "
+                             "instead of downloading: works offline")
+    parser.add_argument("--out-dir", default=os.path.join("outputs", framework),
+                        help="where plots, metrics and the checkpoint go (default: %(default)s)")
+    parser.add_argument("--steps-per-epoch", type=_positive(int), default=None,
+                        help="cap on training batches per epoch, for quick smoke runs "
+                             "(default: the whole training set)")
+    return parser
+
+
+def parse_args(framework, argv=None):
+    parser = build_parser(framework)
+    args = parser.parse_args(argv)
+    if args.latent_dim < 2:
+        parser.error("argument --latent-dim: must be at least 2, since the "
+                                      f"latent plots are two-dimensional, got {args.latent_dim}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the MNIST IDX format, read with numpy only.
+# ----------------------------------------------------------------------------------------------
+
+def read_idx(path):
+    """Return the array stored in an IDX file (gzipped or raw, told apart by content)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as error:
+        raise UserError(f"{path}: cannot read it ({error}); download the file again")
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in IDX_DTYPES:
+        raise UserError(f"{path}: not an IDX file (bad magic number); "
+                        "expected one of the four MNIST files")
+    dtype, ndim = np.dtype(IDX_DTYPES[data[2]]), data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise UserError(f"{path}: truncated IDX header; download the file again")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise UserError(f"{path}: holds {len(data)} bytes, but its header promises {expected} "
+                        f"for shape {shape}; the file is truncated or corrupt, download it again")
+    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path, array):
+    """Write a uint8 array as an IDX file, gzipped when the name ends in .gz (tests use it)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data += array.tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if path.endswith(".gz") else data)
+
+
+def _find_idx(data_dir, name):
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(data_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"--data-dir {data_dir}: no {name} or {name}.gz there; the folder needs the "
+                    f"four MNIST files: {', '.join(sum(IDX_FILES.values(), ()))}")
+
+
+def load_idx_dir(data_dir):
+    """The train and test splits from a folder of the four IDX files, as uint8 arrays."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: no such folder")
+    splits = []
+    for split, (image_name, label_name) in IDX_FILES.items():
+        images = read_idx(_find_idx(data_dir, image_name))
+        labels = read_idx(_find_idx(data_dir, label_name))
+        if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+            raise UserError(f"--data-dir {data_dir}: {image_name} holds {images.dtype} images of "
+                            f"shape {images.shape[1:]}, expected uint8 images of 28x28")
+        if labels.dtype != np.uint8 or labels.ndim != 1:
+            raise UserError(f"--data-dir {data_dir}: {label_name} is not a list of uint8 labels")
+        if len(images) != len(labels):
+            raise UserError(f"--data-dir {data_dir}: {len(images)} {split} images but "
+                            f"{len(labels)} labels; the files come from different sets")
+        splits += [images, labels]
+    return tuple(splits)
+
+
+def to_unit_interval(images):
+    """uint8 images (N, 28, 28) -> float32 rows (N, 784) in [0, 1], the Bernoulli means' range."""
+    return (np.asarray(images, dtype=np.float32) / 255.0).reshape(len(images), IMAGE_PIXELS)
+
+
+def download_hint(dataset, error):
+    return (f"could not download {dataset} ({type(error).__name__}: {error}); without network, "
+            f"put the four files {', '.join(sum(IDX_FILES.values(), ()))} (gzipped or not) "
+            "in a folder and pass --data-dir FOLDER")
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent space geometry shared by the plots.
+# ----------------------------------------------------------------------------------------------
+
+def principal_directions(z_mean):
+    """Two orthonormal directions (latent_dim, 2) to look at z along: the axes themselves when
+    latent_dim is 2 (exact), else the two leading principal directions of the posterior means."""
+    latent_dim = z_mean.shape[1]
+    if latent_dim == 2:
+        return np.eye(2, dtype=np.float32)
+    _, _, vt = np.linalg.svd(z_mean - z_mean.mean(axis=0), full_matrices=False)
+    return vt[:2].T.astype(np.float32)
+
+
+def gaussian_quantiles(n):
+    """n evenly spaced quantiles of N(0, 1): a grid that covers the prior's mass evenly."""
+    return np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, n)], np.float32)
+
+
+def latent_grid(directions, n):
+    """n*n latent points, row-major with the top row at the largest second coordinate, so the
+    decoded grid reads like the scatter plot. Decode them in one batch."""
+    q = gaussian_quantiles(n)
+    first, second = np.meshgrid(q, q[::-1])
+    return (first.reshape(-1, 1) * directions[:, 0] + second.reshape(-1, 1) * directions[:, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Artifacts: plots and the metrics file, each written atomically.
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path` (same folder, same extension); on success rename it
+    over `path` in one step, so a crash or full disk never leaves a half-written file."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def prepare_out_dir(out_dir):
+    """Create --out-dir and prove it writable before any training time is spent."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir}: is a file; pass a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with atomic_path(os.path.join(out_dir, "write-test")) as tmp:
+            open(tmp, "w").close()
+        os.remove(os.path.join(out_dir, "write-test"))
+    except OSError as error:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({error.strerror}); "
+                        "pass a folder you can write to")
+
+
+def tile(images, rows, cols):
+    """(rows*cols, 784) images -> one (rows*28, cols*28) mosaic (MNIST digits have their own
+    black margins, so no padding is needed between them)."""
+    grid = np.asarray(images).reshape(rows, cols, IMAGE_SIDE, IMAGE_SIDE)
+    return grid.transpose(0, 2, 1, 3).reshape(rows * IMAGE_SIDE, cols * IMAGE_SIDE)
+
+
+def _save(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def _show_mosaic(ax, mosaic, title=None):
+    ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+
+
+def save_reconstructions(path, originals, reconstructions, cols=10):
+    """Rows of test digits, each above its reconstruction (the decoder's Bernoulli means)."""
+    rows = len(originals) // cols
+    pairs = [tile(batch[r * cols:(r + 1) * cols], 1, cols)
+             for r in range(rows) for batch in (originals, reconstructions)]
+    fig = Figure(figsize=(cols * 0.6 + 1.2, 2 * rows * 0.6 + 0.4))
+    ax = fig.subplots()
+    _show_mosaic(ax, np.concatenate(pairs), "test digits and their reconstructions")
+    ax.set_yticks(np.arange(2 * rows) * IMAGE_SIDE + IMAGE_SIDE / 2,
+                  ["test digit", "reconstruction"] * rows)
+    _save(fig, path)
+
+
+def save_samples(path, images, cols=10):
+    """Decoded draws z ~ N(0, I), shown as Bernoulli means."""
+    rows = len(images) // cols
+    fig = Figure(figsize=(cols * 0.6, rows * 0.6 + 0.4))
+    _show_mosaic(fig.subplots(), tile(images, rows, cols), "samples from the prior, z ~ N(0, I)")
+    _save(fig, path)
+
+
+def _axis_labels(latent_dim):
+    if latent_dim == 2:
+        return "z[0]", "z[1]"
+    return ("z along principal direction 1", "z along principal direction 2")
+
+
+def save_latent_space(path, coords, labels, class_names, latent_dim):
+    """Test-set posterior means in 2-D, coloured by class."""
+    fig = Figure(figsize=(7.5, 6.5))
+    ax = fig.subplots()
+    colors = [f"C{k}" for k in range(10)]  # matplotlib's default qualitative cycle (tab10)
+    for k, name in enumerate(class_names):
+        mask = labels == k
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=3, alpha=0.6, color=colors[k], label=name,
+                   rasterized=True)
+    ax.legend(markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5), title="label")
+    xlabel, ylabel = _axis_labels(latent_dim)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title="posterior means z_mean of the test set")
+    ax.set_aspect("equal", adjustable="datalim")
+    _save(fig, path)
+
+
+def save_latent_manifold(path, images, n, latent_dim):
+    """The decoded grid from latent_grid(): what the decoder draws across the prior's mass."""
+    fig = Figure(figsize=(8, 8))
+    ax = fig.subplots()
+    ax.imshow(tile(images, n, n), cmap="gray", vmin=0.0, vmax=1.0)
+    q = gaussian_quantiles(n)
+    ticks = np.arange(0, n, max(1, n // 5))
+    centers = ticks * IMAGE_SIDE + IMAGE_SIDE / 2
+    ax.set_xticks(centers, [f"{q[i]:.2f}" for i in ticks])
+    ax.set_yticks(centers, [f"{q[::-1][i]:.2f}" for i in ticks])
+    xlabel, ylabel = _axis_labels(latent_dim)
+    ax.set(xlabel=xlabel, ylabel=ylabel,
+           title="decoder means on a grid of Gaussian quantiles (5% to 95%)")
+    _save(fig, path)
+
+
+def save_training_curves(path, history):
+    epochs = [record["epoch"] for record in history]
+    fig = Figure(figsize=(13, 3.8))
+    panels = fig.subplots(1, 3)
+    for ax, (key, title) in zip(panels, (("loss", "loss = -ELBO"),
+                                         ("reconstruction_loss", "reconstruction"),
+                                         ("kl_loss", "KL(q(z|x) || p(z))"))):
+        for split, style in (("train", "-o"), ("test", "--s")):
+            ax.plot(epochs, [record[f"{split}_{key}"] for record in history], style,
+                    markersize=3, label=split)
+        ax.set(title=title, xlabel="epoch", ylabel="nats per image")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def epoch_record(epoch, train, test, seconds):
+    """One history entry from two dicts of per-image means (loss, reconstruction_loss, kl_loss)."""
+    record = {"epoch": epoch}
+    for split, values in (("train", train), ("test", test)):
+        for key in ("loss", "reconstruction_loss", "kl_loss"):
+            record[f"{split}_{key}"] = float(values[key])
+    record["seconds"] = float(seconds)
+    return record
+
+
+def final_test(history):
+    """The last epoch's test figures, as metrics.json's "test" reports them."""
+    return {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss", "kl_loss")}
+
+
+def format_record(record, epochs):
+    return (f"epoch {record['epoch']}/{epochs}  "
+            f"train loss {record['train_loss']:.2f} (rec {record['train_reconstruction_loss']:.2f}"
+            f" + kl {record['train_kl_loss']:.2f})  "
+            f"test loss {record['test_loss']:.2f} (rec {record['test_reconstruction_loss']:.2f}"
+            f" + kl {record['test_kl_loss']:.2f})  {record['seconds']:.1f} s  [nats/image]")
+
+
+def write_metrics(path, *, framework, backend, config, device, versions, history, test):
+    metrics = {
+        "framework": framework,
+        "backend": backend,
+        "config": config,
+        "device": device,
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, **versions},
+        "history": history,
+        "test": {key: float(value) for key, value in test.items()},
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=2)
+            f.write("\n")
+    return metrics
+
+
+def fail(prog, error):
+    """End the program with one line on stderr: what is wrong and how to fix it."""
+    sys.exit(f"{prog}: error: {error}")
