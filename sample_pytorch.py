@@ -20,14 +20,13 @@ Run:
 Everything lands in --out-dir (default outputs/pytorch); --help lists every flag.
 """
 
+import importlib.metadata
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from tqdm import tqdm
 
@@ -59,6 +58,10 @@ def load_data(dataset, data_dir):
     if data_dir is not None:
         x_train, y_train, x_test, y_test = common.load_idx_dir(data_dir)
     else:
+        # Imported only to download: nothing else needs it, it costs a second of start-up, and
+        # importing it after TensorFlow in one process crashes (torchvision 0.28, TF 2.21).
+        import torchvision
+
         cls = {"mnist": torchvision.datasets.MNIST,
                "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
         root = os.path.join(os.path.expanduser("~"), ".cache", "torchvision")
@@ -148,9 +151,7 @@ def train_epoch(model, optimizer, x_train, batch_size, max_steps, generator, des
     """One pass over a fresh permutation of the in-memory training set; per-image means."""
     model.train()
     order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
-    steps = -(-len(x_train) // batch_size)
-    if max_steps is not None:
-        steps = min(steps, max_steps)
+    steps = common.steps_per_epoch(len(x_train), batch_size, max_steps)
     totals = torch.zeros(2, device=x_train.device)  # summed on the device: no sync per step
     seen = 0
     bar = tqdm(range(steps), desc=description, leave=False, unit="batch")
@@ -266,7 +267,7 @@ def run(args):
     common.write_metrics(
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend="torch",
         config=vars(args), device=str(device),
-        versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
+        versions={"torch": torch.__version__, "torchvision": importlib.metadata.version("torchvision")},
         history=history, test=test)
     print(f"test: loss {test['loss']:.2f} = reconstruction {test['reconstruction_loss']:.2f} "
           f"+ kl {test['kl_loss']:.2f} nats/image; artifacts in {args.out_dir}")

@@ -187,6 +187,12 @@ def to_unit_interval(images):
     return (np.asarray(images, dtype=np.float32) / 255.0).reshape(len(images), IMAGE_PIXELS)
 
 
+def steps_per_epoch(num_images, batch_size, cap=None):
+    """Batches in one pass over the data (the last one may be smaller), at most `cap`."""
+    steps = -(-num_images // batch_size)
+    return steps if cap is None else min(steps, cap)
+
+
 def download_hint(dataset, error):
     return (f"could not download {dataset} ({type(error).__name__}: {error}); without network, "
             f"put the four files {', '.join(sum(IDX_FILES.values(), ()))} (gzipped or not) "

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+# torch and TensorFlow share this test process (the scripts never do). torch's triton, which its
+# optimizers load lazily, crashes the process when first loaded after TensorFlow (torch 2.13,
+# TF 2.21), so it is loaded here, before any test imports keras.
+import torch._dynamo  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

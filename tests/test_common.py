@@ -225,3 +225,10 @@ def test_the_shared_module_imports_neither_framework():
             "print([m for m in ('torch', 'tensorflow', 'keras', 'jax') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_steps_per_epoch_counts_the_last_partial_batch_and_caps():
+    assert common.steps_per_epoch(256, 128) == 2
+    assert common.steps_per_epoch(257, 128) == 3
+    assert common.steps_per_epoch(257, 128, cap=2) == 2
+    assert common.steps_per_epoch(10, 128, cap=5) == 1
