@@ -327,7 +327,7 @@ def save_latent_manifold(path, images, n, latent_dim):
     ax = fig.subplots()
     ax.imshow(tile(images, n, n), cmap="gray", vmin=0.0, vmax=1.0)
     q = gaussian_quantiles(n)
-    ticks = np.arange(0, n, max(1, n // 5))
+    ticks = np.unique(np.linspace(0, n - 1, 5).round().astype(int))  # both ends included
     centers = ticks * IMAGE_SIDE + IMAGE_SIDE / 2
     ax.set_xticks(centers, [f"{q[i]:.2f}" for i in ticks])
     ax.set_yticks(centers, [f"{q[::-1][i]:.2f}" for i in ticks])
