@@ -193,10 +193,19 @@ def steps_per_epoch(num_images, batch_size, cap=None):
     return steps if cap is None else min(steps, cap)
 
 
+# Where a user can fetch the four files by hand (the mirrors torchvision downloads from).
+DOWNLOAD_URLS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+
+
 def download_hint(dataset, error):
-    return (f"could not download {dataset} ({type(error).__name__}: {error}); without network, "
-            f"put the four files {', '.join(sum(IDX_FILES.values(), ()))} (gzipped or not) "
-            "in a folder and pass --data-dir FOLDER")
+    """One line for a failed download: why, and how to run offline instead."""
+    reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line, however nested
+    return (f"could not download {dataset} ({reason}); on a machine with network, get "
+            f"{', '.join(sum(IDX_FILES.values(), ()))} (.gz) from {DOWNLOAD_URLS[dataset]}, "
+            "put them in one folder and pass --data-dir FOLDER")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -247,3 +247,15 @@ def test_unit_tests_pass_on_the_torch_backend():
         timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch):
+    def no_network():
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- "
+                        "[Errno -2] Name or service not known")
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", no_network)
+    with pytest.raises(SystemExit) as exit_info:
+        sk.main(["--out-dir", str(tmp_path / "out"), "--dataset", "fashion_mnist"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "could not download fashion_mnist" in message
+    assert "--data-dir" in message and "fashion-mnist" in message

@@ -133,3 +133,17 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried ..., got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
+    with pytest.raises(SystemExit) as exit_info:
+        sp.main(["--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "could not download mnist" in message
+    assert "--data-dir" in message and "ossci-datasets" in message
