@@ -147,15 +147,18 @@ def negative_elbo(x, logits, z_mean, z_log_var):
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
 
-def train_epoch(model, optimizer, x_train, batch_size, max_steps, generator, description):
-    """One pass over a fresh permutation of the in-memory training set; per-image means."""
+NONFINITE_CHECK_EVERY = 50  # steps between looks at the loss's finiteness (a GPU sync each)
+
+
+def train_epoch(model, optimizer, x_train, order, batch_size, epoch, stop):
+    """One pass over x_train[order] in batches; per-image means of the two loss terms, or None
+    when a stop was requested (the weights are then mid-epoch and must not be saved)."""
     model.train()
-    order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
-    steps = common.steps_per_epoch(len(x_train), batch_size, max_steps)
+    order = torch.from_numpy(order).to(x_train.device)
+    steps = -(-len(order) // batch_size)
     totals = torch.zeros(2, device=x_train.device)  # summed on the device: no sync per step
-    seen = 0
-    bar = tqdm(range(steps), desc=description, leave=False, unit="batch")
-    for step in bar:
+    first_nonfinite = torch.tensor(-1, device=x_train.device)
+    for step in tqdm(range(steps), desc=f"epoch {epoch}", leave=False, unit="batch"):
         x = x_train[order[step * batch_size:(step + 1) * batch_size]]
         reconstruction_loss, kl_loss = negative_elbo(x, *model(x))
         loss = (reconstruction_loss + kl_loss).mean()
@@ -163,13 +166,24 @@ def train_epoch(model, optimizer, x_train, batch_size, max_steps, generator, des
         loss.backward()
         optimizer.step()
         totals += torch.stack((reconstruction_loss.sum(), kl_loss.sum())).detach()
-        seen += len(x)
-    return _means(totals, seen)
+        first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
+                                      step, first_nonfinite)
+        if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == steps:
+            if first_nonfinite >= 0:
+                raise NonFiniteLoss(epoch, int(first_nonfinite) + 1)
+        if stop.signal:
+            return None
+    return _means(totals, len(order))
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch, step):
+        super().__init__(f"the loss became NaN or infinite in epoch {epoch} at step {step}")
 
 
 @torch.no_grad()
 def evaluate(model, x_test, batch_size=common.EVAL_BATCH_SIZE):
-    """-ELBO and its terms on the test set, with a sampled z as the ELBO is defined."""
+    """-ELBO's terms on the test set, with a sampled z as the ELBO is defined."""
     model.eval()
     totals = torch.zeros(2, device=x_test.device)
     for start in range(0, len(x_test), batch_size):
@@ -181,8 +195,7 @@ def evaluate(model, x_test, batch_size=common.EVAL_BATCH_SIZE):
 
 def _means(totals, count):
     reconstruction_loss, kl_loss = (totals / count).tolist()
-    return {"loss": reconstruction_loss + kl_loss, "reconstruction_loss": reconstruction_loss,
-            "kl_loss": kl_loss}
+    return {"reconstruction_loss": reconstruction_loss, "kl_loss": kl_loss}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +203,7 @@ def _means(totals, count):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def save_artifacts(model, x_test, y_test, history, args, generator):
+def save_artifacts(model, x_test, y_test, history, args):
     """Every picture of the trained model; each decodes its whole batch in one call."""
     model.eval()
     out_dir, latent_dim = args.out_dir, args.latent_dim
@@ -201,7 +214,8 @@ def save_artifacts(model, x_test, y_test, history, args, generator):
     common.save_reconstructions(os.path.join(out_dir, "reconstructions.png"),
                                 originals.cpu().numpy(), to_numpy(model.decoder(z_mean)))
 
-    z = torch.randn(100, latent_dim, generator=generator).to(x_test.device)
+    z = torch.randn(100, latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    z = z.to(x_test.device)
     common.save_samples(os.path.join(out_dir, "samples.png"), to_numpy(model.decoder(z)))
 
     z_mean = torch.cat([model.encode(x_test[i:i + common.EVAL_BATCH_SIZE])[0]
@@ -218,17 +232,43 @@ def save_artifacts(model, x_test, y_test, history, args, generator):
     common.save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 
 
-def save_checkpoint(path, model, args):
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path, model, optimizer, args, history):
+    """Everything a resumed run needs to continue exactly, written atomically: a kill at any
+    instant leaves the previous checkpoint whole."""
+    state = {"framework": FRAMEWORK, "config": vars(args), "epoch": len(history),
+             "history": history, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     with common.atomic_path(path) as tmp:
-        torch.save({"framework": FRAMEWORK, "config": vars(args), "model": model.state_dict()},
-                   tmp)
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path):
+    """The saved state as a dict, or a UserError that says what is wrong with the file."""
+    if not os.path.exists(path):
+        other = os.path.join(os.path.dirname(path), "checkpoint.keras")
+        if os.path.exists(other):
+            raise common.UserError(f"{other} was written by sample_keras.py; resume it with that "
+                                   "script, or pick another --out-dir")
+        raise common.UserError(f"no {path} to resume; run without --resume to start afresh")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged zip or pickle
+        raise common.UserError(f"{path} is truncated or corrupt ({type(error).__name__}); "
+                               "delete it to start afresh")
+    if not isinstance(state, dict) or state.get("framework") != FRAMEWORK:
+        raise common.UserError(f"{path} is not a checkpoint of sample_pytorch.py")
+    return state
 
 
 def load_checkpoint(path, device="cpu"):
-    """The trained VAE from save_checkpoint, ready to encode and decode."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    model = VAE(checkpoint["config"]["arch"], checkpoint["config"]["latent_dim"])
-    model.load_state_dict(checkpoint["model"])
+    """The trained VAE from a checkpoint, ready to encode and decode."""
+    state = read_checkpoint(path)
+    model = VAE(state["config"]["arch"], state["config"]["latent_dim"])
+    model.load_state_dict(state["model"])
     return model.to(device).eval()
 
 
@@ -236,11 +276,18 @@ def load_checkpoint(path, device="cpu"):
 # main
 # ----------------------------------------------------------------------------------------------
 
-def run(args):
+def run(args, given):
+    checkpoint_path = os.path.join(args.out_dir, CHECKPOINT)
+    state = None
+    if args.resume:
+        state = read_checkpoint(checkpoint_path)
+        args = common.resumed_args(args, given, state["config"], state["epoch"])
+    elif os.path.isfile(checkpoint_path):
+        saved = read_checkpoint(checkpoint_path)
+        common.check_fresh_start(args.out_dir, CHECKPOINT, saved["epoch"], saved["config"]["epochs"])
     device = select_device(args.device)
     common.prepare_out_dir(args.out_dir)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)  # batch order and prior samples
+    torch.manual_seed(args.seed)  # weights and the noise eps; the batch order has its own
     print(f"PyTorch {torch.__version__} on {device}")
 
     x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
@@ -251,34 +298,63 @@ def run(args):
     model = VAE(args.arch, args.latent_dim).to(device)
     # fused Adam updates all parameters in one kernel (CPU and CUDA); MPS lacks it.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type != "mps")
-
     history = []
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        train = train_epoch(model, optimizer, x_train, args.batch_size, args.steps_per_epoch,
-                            generator, f"epoch {epoch}/{args.epochs}")
-        test = evaluate(model, x_test)
-        history.append(common.epoch_record(epoch, train, test, time.perf_counter() - start))
-        print(common.format_record(history[-1], args.epochs), flush=True)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # --lr may change on resume, e.g. after a NaN
+            group["lr"] = args.lr
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history = state["history"]
+        print(f"resuming after epoch {len(history)} of {checkpoint_path}")
 
-    save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, args)
-    save_artifacts(model, x_test, y_test, history, args, generator)
+    prog = f"sample_{FRAMEWORK}.py"
+    with common.StopRequest() as stop:
+        for epoch in range(len(history) + 1, args.epochs + 1):
+            start = time.perf_counter()
+            order = common.epoch_order(args.seed, epoch, len(x_train), args.batch_size,
+                                       args.steps_per_epoch)
+            try:
+                train = train_epoch(model, optimizer, x_train, order, args.batch_size, epoch, stop)
+            except NonFiniteLoss as error:
+                common.fail(prog, f"{error}; {checkpoint_path} keeps epoch {epoch - 1}: lower "
+                                  f"--lr (now {args.lr:g}) and {common.resume_hint(prog, args.out_dir)}")
+            if train is None:
+                common.fail(prog, f"stopped by {stop.signal} in epoch {epoch}; {checkpoint_path} "
+                                  f"keeps epoch {epoch - 1}; {common.resume_hint(prog, args.out_dir)}",
+                            code=130)
+            test = evaluate(model, x_test)
+            history.append(common.epoch_record(epoch, train, test, time.perf_counter() - start))
+            print(common.format_record(history[-1], args.epochs), flush=True)
+            save_checkpoint(checkpoint_path, model, optimizer, args, history)
+
+    save_artifacts(model, x_test, y_test, history, args)
     test = common.final_test(history)
     common.write_metrics(
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend="torch",
         config=vars(args), device=str(device),
-        versions={"torch": torch.__version__, "torchvision": importlib.metadata.version("torchvision")},
+        versions={"torch": torch.__version__,
+                  "torchvision": importlib.metadata.version("torchvision")},
         history=history, test=test)
     print(f"test: loss {test['loss']:.2f} = reconstruction {test['reconstruction_loss']:.2f} "
           f"+ kl {test['kl_loss']:.2f} nats/image; artifacts in {args.out_dir}")
 
 
 def main(argv=None):
+    prog = f"sample_{FRAMEWORK}.py"
     args = common.parse_args(FRAMEWORK, argv)
     try:
-        run(args)
+        run(args, common.given_flags(FRAMEWORK, argv))
     except common.UserError as error:
-        common.fail(f"sample_{FRAMEWORK}.py", error)
+        common.fail(prog, error)
+    except KeyboardInterrupt:
+        common.fail(prog, "stopped at once; the last checkpoint is intact; "
+                          + common.resume_hint(prog, args.out_dir), code=130)
+    except OSError as error:  # a full disk, say: atomic writes kept the previous files whole
+        common.fail(prog, f"cannot write {error.filename or args.out_dir}: {error.strerror}; "
+                          "the files already there are intact")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import signal
 import struct
 import sys
 from statistics import NormalDist
@@ -59,14 +60,15 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive(kind):
+def _positive(kind, zero_ok=False):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        if not (math.isfinite(value) and (value > 0 or zero_ok and value == 0)):
+            sign = "non-negative" if zero_ok else "positive"
+            raise argparse.ArgumentTypeError(f"must be a {sign} {kind.__name__}, got {text!r}")
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
@@ -78,8 +80,9 @@ def build_parser(framework):
         prog=f"sample_{framework}.py",
         description=f"Train a variational autoencoder on MNIST with {framework} and save "
                     "reconstructions, samples, latent-space plots, curves, metrics and a checkpoint.")
-    parser.add_argument("--epochs", type=_positive(int), default=DEFAULT_EPOCHS,
-                        help="passes over the training set (default: %(default)s)")
+    parser.add_argument("--epochs", type=_positive(int, zero_ok=True), default=DEFAULT_EPOCHS,
+                        help="passes over the training set, counting those of a resumed run; "
+                             "0 with --resume only redraws the artifacts (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive(int), default=128,
                         help="images per training step (default: %(default)s)")
     parser.add_argument("--latent-dim", type=_positive(int), default=2,
@@ -104,6 +107,9 @@ def build_parser(framework):
     parser.add_argument("--steps-per-epoch", type=_positive(int), default=None,
                         help="cap on training batches per epoch, for quick smoke runs "
                              "(default: the whole training set)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose checkpoint is in --out-dir; flags not given "
+                             "are taken from it")
     return parser
 
 
@@ -112,8 +118,51 @@ def parse_args(framework, argv=None):
     args = parser.parse_args(argv)
     if args.latent_dim < 2:
         parser.error("argument --latent-dim: must be at least 2, since the "
-                                      f"latent plots are two-dimensional, got {args.latent_dim}")
+                     f"latent plots are two-dimensional, got {args.latent_dim}")
+    if args.data_dir is not None:  # so a resumed run recognises the same folder
+        args.data_dir = os.path.abspath(args.data_dir)
+    if args.epochs == 0 and not args.resume:
+        parser.error("argument --epochs: 0 only makes sense with --resume (redraw the "
+                     "artifacts of a saved run)")
     return args
+
+
+def given_flags(framework, argv=None):
+    """The flags the user typed (not their defaults): on --resume the rest come from the
+    checkpoint."""
+    parser, unset = build_parser(framework), object()
+    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
+    parsed = vars(parser.parse_args(argv, namespace))  # defaults fill only what is missing
+    return {dest for dest, value in parsed.items() if value is not unset}
+
+
+# Flags that define the model or the data: a checkpoint can only continue with the same ones.
+RESUME_FIXED = ("arch", "latent_dim", "dataset", "data_dir")
+
+
+def resumed_args(args, given, saved_config, saved_epoch):
+    """The arguments of a resumed run: the checkpoint's config, overridden by what was typed
+    now, refusing what would change the model or the data."""
+    for flag in RESUME_FIXED:
+        if flag in given and getattr(args, flag) != saved_config[flag]:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} differs from the "
+                            f"checkpoint's {saved_config[flag]}; a resumed run keeps the model "
+                            "and the data: drop the flag, or start afresh in another --out-dir")
+    merged = argparse.Namespace(**{**saved_config, **{k: getattr(args, k) for k in given},
+                                   "out_dir": args.out_dir, "resume": True})
+    if 0 < merged.epochs < saved_epoch:
+        raise UserError(f"--epochs {merged.epochs}: the checkpoint already holds {saved_epoch} "
+                        f"epochs; pass --epochs {saved_epoch} or more, or 0 to only redraw "
+                        "the artifacts")
+    return merged
+
+
+def check_fresh_start(out_dir, checkpoint_name, saved_epoch, saved_epochs):
+    """A fresh run must not overwrite an unfinished run's checkpoint: that is work to resume."""
+    if saved_epoch is not None and saved_epoch < saved_epochs:
+        raise UserError(f"{os.path.join(out_dir, checkpoint_name)} holds an unfinished run "
+                        f"({saved_epoch} of {saved_epochs} epochs); pass --resume to continue "
+                        "it, or delete the file (or pick another --out-dir) to start afresh")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +247,15 @@ DOWNLOAD_URLS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 }
+
+
+def epoch_order(seed, epoch, num_images, batch_size, max_steps=None):
+    """The training images of `epoch` (1-based) in the order they are used: a permutation
+    that depends only on the seed and the epoch, cut to --steps-per-epoch batches. Both
+    frameworks draw the same batches, and a resumed run continues exactly as an uninterrupted
+    one would."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    return order[:steps_per_epoch(num_images, batch_size, max_steps) * batch_size]
 
 
 def download_hint(dataset, error):
@@ -364,11 +422,14 @@ def save_training_curves(path, history):
 
 
 def epoch_record(epoch, train, test, seconds):
-    """One history entry from two dicts of per-image means (loss, reconstruction_loss, kl_loss)."""
+    """One history entry from two dicts of per-image means of reconstruction_loss and kl_loss;
+    the loss is their sum, the true -ELBO, whatever weighting training used."""
     record = {"epoch": epoch}
     for split, values in (("train", train), ("test", test)):
-        for key in ("loss", "reconstruction_loss", "kl_loss"):
-            record[f"{split}_{key}"] = float(values[key])
+        reconstruction_loss, kl_loss = float(values["reconstruction_loss"]), float(values["kl_loss"])
+        record.update({f"{split}_loss": reconstruction_loss + kl_loss,
+                       f"{split}_reconstruction_loss": reconstruction_loss,
+                       f"{split}_kl_loss": kl_loss})
     record["seconds"] = float(seconds)
     return record
 
@@ -403,6 +464,37 @@ def write_metrics(path, *, framework, backend, config, device, versions, history
     return metrics
 
 
-def fail(prog, error):
+# ----------------------------------------------------------------------------------------------
+# Stopping cleanly
+# ----------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM only sets `.signal`, so training can
+    stop after the current batch and keep its last checkpoint; a second one stops at once
+    (KeyboardInterrupt), which atomic writes make safe too."""
+
+    def __enter__(self):
+        self.signal = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: stopping after this batch (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+
+def resume_hint(prog, out_dir):
+    return f"continue with: python3 {prog} --resume --out-dir {out_dir}"
+
+
+def fail(prog, error, code=1):
     """End the program with one line on stderr: what is wrong and how to fix it."""
-    sys.exit(f"{prog}: error: {error}")
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(code)

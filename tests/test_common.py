@@ -108,7 +108,8 @@ def test_both_frameworks_share_flags_and_defaults():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epochs", "0"], "--epochs: must be a positive int"),
+    (["--epochs", "0"], "--epochs: 0 only makes sense with --resume"),
+    (["--epochs", "-1"], "--epochs: must be a non-negative int"),
     (["--batch-size", "-3"], "--batch-size: must be a positive int"),
     (["--lr", "nan"], "--lr: must be a positive float"),
     (["--lr", "fast"], "--lr: expected a float"),

@@ -191,7 +191,8 @@ def test_the_keras_checkpoint_reloads_and_decodes_identically(tmp_path, arch):
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     x = np.random.default_rng(0).random((16, 784)).astype(np.float32)
     model.fit(x, batch_size=8, epochs=1, verbose=0)
-    sk.save_checkpoint(str(tmp_path / "checkpoint.keras"), model)
+    args = sk.common.parse_args("keras", ["--arch", arch, "--latent-dim", "4", "--seed", "1"])
+    sk.save_checkpoint(str(tmp_path / "checkpoint.keras"), model, args, history=[])
     reloaded = sk.load_checkpoint(str(tmp_path / "checkpoint.keras"))
     assert isinstance(reloaded, sk.VAE)
     assert (reloaded.arch, reloaded.latent_dim, reloaded.seed) == (arch, 4, 1)
@@ -222,7 +223,7 @@ def test_the_script_runs_end_to_end(tmp_path, data_dir, backend):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs: must be a positive int"),
+    (["--epochs", "-2"], "--epochs: must be a non-negative int"),
     (["--data-dir", "/nonexistent/mnist"], "no such folder"),
 ])
 def test_bad_input_gives_one_line_and_no_traceback(tmp_path, args, message):
@@ -249,13 +250,14 @@ def test_unit_tests_pass_on_the_torch_backend():
     assert " passed" in result.stdout and "failed" not in result.stdout
 
 
-def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch):
+def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch, capsys):
     def no_network():
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- "
                         "[Errno -2] Name or service not known")
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", no_network)
     with pytest.raises(SystemExit) as exit_info:
         sk.main(["--out-dir", str(tmp_path / "out"), "--dataset", "fashion_mnist"])
-    message = str(exit_info.value.code)
-    assert "\n" not in message and "could not download fashion_mnist" in message
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "could not download fashion_mnist" in message
     assert "--data-dir" in message and "fashion-mnist" in message
