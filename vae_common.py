@@ -480,7 +480,9 @@ class StopRequest:
 
     def __exit__(self, *exc_info):
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # After a stop request the program is already on its way out: a further signal
+            # during that exit must not turn into a traceback.
+            signal.signal(signum, signal.SIG_IGN if self.signal else handler)
 
     def _handle(self, signum, frame):
         if self.signal is not None:

@@ -210,6 +210,7 @@ def test_select_device():
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+@pytest.mark.subprocess
 def test_the_script_runs_end_to_end(tmp_path, data_dir, backend):
     out_dir = tmp_path / "out"
     result = run_script("sample_keras.py", "--data-dir", data_dir, "--out-dir", out_dir,
@@ -226,6 +227,7 @@ def test_the_script_runs_end_to_end(tmp_path, data_dir, backend):
     (["--epochs", "-2"], "--epochs: must be a non-negative int"),
     (["--data-dir", "/nonexistent/mnist"], "no such folder"),
 ])
+@pytest.mark.subprocess
 def test_bad_input_gives_one_line_and_no_traceback(tmp_path, args, message):
     result = run_script("sample_keras.py", "--out-dir", tmp_path / "out", *args)
     assert result.returncode != 0
@@ -243,7 +245,7 @@ def test_unit_tests_pass_on_the_torch_backend():
     keras is imported, hence a second interpreter). Subprocess tests already cover both."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not end_to_end and not bad_input and not torch_backend"],
+         "-m", "not subprocess", "-k", "not torch_backend"],
         cwd=ROOT, env={**os.environ, "KERAS_BACKEND": "torch"}, capture_output=True, text=True,
         timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -261,3 +263,15 @@ def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch, capsy
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and "could not download fashion_mnist" in message
     assert "--data-dir" in message and "fashion-mnist" in message
+
+
+# --- checkpoints, resume, interruption and bad input: the scenarios both scripts share ---------
+
+from scenarios import *  # noqa: E402,F401,F403  (the tests in scenarios.py, run for Keras)
+from scenarios import Framework  # noqa: E402
+
+
+@pytest.fixture
+def framework():
+    return Framework("keras", sk, "checkpoint.keras", "checkpoint.pt",
+                     lambda path: [to_numpy(w) for w in sk.load_checkpoint(path).weights])

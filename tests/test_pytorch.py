@@ -115,6 +115,7 @@ def test_select_device():
             sp.select_device("gpu")
 
 
+@pytest.mark.subprocess
 def test_the_script_runs_end_to_end(tmp_path, data_dir):
     out_dir = tmp_path / "out"
     result = run_script("sample_pytorch.py", "--data-dir", data_dir, "--out-dir", out_dir,
@@ -131,6 +132,7 @@ def test_the_script_runs_end_to_end(tmp_path, data_dir):
     (["--epochs", "-2"], "--epochs: must be a non-negative int"),
     (["--data-dir", "/nonexistent/mnist"], "no such folder"),
 ])
+@pytest.mark.subprocess
 def test_bad_input_gives_one_line_and_no_traceback(tmp_path, args, message):
     result = run_script("sample_pytorch.py", "--out-dir", tmp_path / "out", *args)
     assert result.returncode != 0
@@ -151,3 +153,15 @@ def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch, capsy
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and "could not download mnist" in message
     assert "--data-dir" in message and "ossci-datasets" in message
+
+
+# --- checkpoints, resume, interruption and bad input: the scenarios both scripts share ---------
+
+from scenarios import *  # noqa: E402,F401,F403  (the tests in scenarios.py, run for PyTorch)
+from scenarios import Framework  # noqa: E402
+
+
+@pytest.fixture
+def framework():
+    return Framework("pytorch", sp, "checkpoint.pt", "checkpoint.keras",
+                     lambda path: [v.numpy() for v in sp.read_checkpoint(path)["model"].values()])
