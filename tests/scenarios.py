@@ -193,11 +193,28 @@ def test_bad_data_gives_one_line_and_writes_nothing(framework, tmp_path, capsys,
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_an_out_dir_that_is_a_file_is_refused_before_training(framework, tmp_path, data_dir,
-                                                              capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs: must be a non-negative int"),
+    (["--epochs", "0"], "--epochs: 0 only makes sense with --resume"),
+    (["--batch-size", "0"], "--batch-size: must be a positive int"),
+    (["--latent-dim", "0"], "--latent-dim: must be a positive int"),
+    (["--lr", "-0.1"], "--lr: must be a positive float"),
+    (["--lr", "inf"], "--lr: must be a positive float"),
+    (["--steps-per-epoch", "two"], "--steps-per-epoch: expected a int"),
+])
+def test_bad_flags_give_one_line_before_any_work(framework, tmp_path, capsys, flags, message):
+    code, err = call_main(framework, ["--out-dir", tmp_path / "out", *flags], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_training(framework, tmp_path,
+                                                                      data_dir, capsys):
     (tmp_path / "file").write_text("x")
     code, err = call_main(framework, quick(data_dir, tmp_path / "file"), capsys)
     assert code == 1 and "is a file" in err and err.count("\n") == 1
+    code, err = call_main(framework, quick(data_dir, tmp_path / "file" / "out"), capsys)
+    assert code == 1 and "cannot write there" in err and err.count("\n") == 1
     assert (tmp_path / "file").read_text() == "x"
 
 
