@@ -13,6 +13,10 @@ i.e. it minimises, in nats per image,
 with one sample z = z_mean + exp(z_log_var / 2) * eps, eps ~ N(0, I) (the reparameterization
 trick, which makes the sample differentiable in z_mean and z_log_var: the SGVB estimator).
 
+After training, log p(x) is estimated with the importance-weighted bound (Burda et al., 2015),
+    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
+which tightens towards log p(x) as K grows and equals the ELBO in expectation at K = 1.
+
 The code is backend-agnostic Keras 3 (keras.ops, keras.random): it runs on TensorFlow by
 default and unchanged under KERAS_BACKEND=torch or jax. The loss lives in Model.compute_loss,
 so the stock fit() and evaluate() loops train and validate it.
@@ -27,6 +31,7 @@ Everything lands in --out-dir (default outputs/keras); --help lists every flag.
 import json
 import math
 import os
+import sys
 import time
 
 import keras
@@ -166,9 +171,9 @@ class Sampling(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
-    def __init__(self, arch="mlp", latent_dim=2, seed=None, **kwargs):
+    def __init__(self, arch="mlp", latent_dim=2, seed=None, likelihood="bernoulli", **kwargs):
         super().__init__(**kwargs)
-        self.arch, self.latent_dim, self.seed = arch, latent_dim, seed
+        self.arch, self.latent_dim, self.seed, self.likelihood = arch, latent_dim, seed, likelihood
         self.encoder = build_encoder(arch, latent_dim)
         self.z_mean = layers.Dense(latent_dim, name="z_mean", **init(HIDDEN))
         self.z_log_var = layers.Dense(latent_dim, name="z_log_var", **init(HIDDEN))
@@ -177,6 +182,9 @@ class VAE(keras.Model):
         # fit() reports "loss" itself; these two report its terms, per image.
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+        # The KL term's weight in the training loss (--beta, --kl-warmup-epochs), set before
+        # each epoch; a variable, so compiled steps read its current value.
+        self.kl_weight = keras.Variable(1.0, trainable=False, name="kl_weight")
         self.training_state = "{}"  # JSON: epoch, config, history; saved inside the .keras file
 
     def encode(self, x):
@@ -189,15 +197,17 @@ class VAE(keras.Model):
         return self.decoder(self.sampling(z_mean, z_log_var)), z_mean, z_log_var
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """The stock train_step and test_step call this: -ELBO averaged over the batch."""
-        reconstruction_loss, kl_loss = negative_elbo(x, *y_pred)
+        """The stock train_step and test_step call this: -ELBO averaged over the batch, with
+        the KL term weighted while training. The trackers always see the true terms."""
+        reconstruction_loss, kl_loss = negative_elbo(x, *y_pred, self.likelihood)
         self.reconstruction_loss_tracker.update_state(reconstruction_loss)
         self.kl_loss_tracker.update_state(kl_loss)
-        return ops.mean(reconstruction_loss + kl_loss)
+        kl_weight = self.kl_weight if training else 1.0
+        return ops.mean(reconstruction_loss + kl_weight * kl_loss)
 
     def get_config(self):
         return {**super().get_config(), "arch": self.arch, "latent_dim": self.latent_dim,
-                "seed": self.seed}
+                "seed": self.seed, "likelihood": self.likelihood}
 
     # The checkpoint's training state travels as an asset of the model, so one .keras file,
     # written atomically, holds everything a resumed run needs.
@@ -214,11 +224,36 @@ class VAE(keras.Model):
 # Loss
 # ----------------------------------------------------------------------------------------------
 
-def negative_elbo(x, logits, z_mean, z_log_var):
+def continuous_bernoulli_log_normalizer(logits):
+    """log C(lambda) for lambda = sigmoid(logits), the continuous Bernoulli's normalizer
+    (Loaiza-Ganem and Cunningham, 2019). In logits, C = logits / tanh(logits / 2): no 0/0 at
+    lambda = 1/2 except at logits = 0 exactly, where a Taylor series takes over."""
+    small = ops.abs(logits) < 1e-2
+    safe = ops.where(small, ops.ones_like(logits), logits)  # keeps 0/0 out of the gradient
+    exact = ops.log(safe / ops.tanh(safe / 2))
+    taylor = math.log(2.0) + ops.square(logits) / 12 - 7 * ops.power(logits, 4) / 1440
+    return ops.where(small, taylor, exact)
+
+
+def negative_elbo(x, logits, z_mean, z_log_var, likelihood="bernoulli"):
     """Per-image (reconstruction_loss, kl_loss) in nats; their sum is -ELBO."""
-    reconstruction_loss = ops.sum(ops.binary_crossentropy(x, logits, from_logits=True), axis=1)
-    kl_loss = -0.5 * ops.sum(1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1)
+    # broadcast_to: x (N, 784) also scores K samples of logits (K, N, 784) at once
+    nll = ops.binary_crossentropy(ops.broadcast_to(x, ops.shape(logits)), logits,
+                                  from_logits=True)
+    if likelihood == "continuous_bernoulli":
+        nll = nll - continuous_bernoulli_log_normalizer(logits)
+    reconstruction_loss = ops.sum(nll, axis=-1)
+    kl_loss = -0.5 * ops.sum(1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
     return reconstruction_loss, kl_loss
+
+
+def log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood="bernoulli"):
+    """log p(x, z) - log q(z|x) for samples z (K, N, latent_dim) and their logits (K, N, 784)."""
+    reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var, likelihood)
+    log_prior = -0.5 * ops.sum(ops.square(z) + math.log(2 * math.pi), axis=-1)
+    eps = (z - z_mean) * ops.exp(-0.5 * z_log_var)
+    log_posterior = -0.5 * ops.sum(ops.square(eps) + math.log(2 * math.pi) + z_log_var, axis=-1)
+    return -reconstruction_loss + log_prior - log_posterior
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +316,41 @@ class NonFiniteLoss(Exception):
         super().__init__(f"the loss became NaN or infinite in epoch {epoch} by step {step}")
 
 
+def posterior_means(model, x, batch_size=common.EVAL_BATCH_SIZE):
+    """z_mean for every image, as a numpy array."""
+    return np.concatenate([ops.convert_to_numpy(model.encode(x[i:i + batch_size])[0])
+                           for i in range(0, len(x), batch_size)])
+
+
+def importance_weighted_nll(model, x, eps, likelihood):
+    """Per-image -log (1/K) sum_k p(x, z_k) / q(z_k|x) with z_k = reparameterize(..., eps[k]),
+    eps (K, N, latent_dim): an upper bound on -log p(x) in nats. The samples go through the
+    decoder in chunks of at most common.IW_ROWS rows, and the K log-weights meet in one
+    logsumexp, which cannot overflow."""
+    z_mean, z_log_var = model.encode(x)
+    chunk = max(1, common.IW_ROWS // len(x))
+    log_weights = []
+    for start in range(0, len(eps), chunk):
+        z = reparameterize(z_mean, z_log_var, eps[start:start + chunk])
+        logits = ops.reshape(model.decoder(ops.reshape(z, (-1, z.shape[-1]))),
+                             (z.shape[0], z.shape[1], -1))
+        log_weights.append(log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood))
+    return -(ops.logsumexp(ops.concatenate(log_weights), axis=0) - math.log(len(eps)))
+
+
+def iw_evaluate(model, x_test, num_samples, likelihood, latent_dim, seed):
+    """The importance-weighted bound averaged over the test set, with noise of its own seed
+    (redrawing a checkpoint's figures gives the same number)."""
+    seed_generator = keras.random.SeedGenerator(seed)
+    images = max(1, common.IW_ROWS // num_samples)  # per batch: the noise stays small too
+    total = 0.0
+    for start in range(0, len(x_test), images):
+        x = ops.convert_to_tensor(x_test[start:start + images])
+        eps = keras.random.normal((num_samples, len(x), latent_dim), seed=seed_generator)
+        total += float(ops.sum(importance_weighted_nll(model, x, eps, likelihood)))
+    return total / len(x_test)
+
+
 # ----------------------------------------------------------------------------------------------
 # Artifacts
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +368,7 @@ def save_artifacts(model, x_test, y_test, history, args):
     z = keras.random.normal((100, latent_dim), seed=args.seed)
     common.save_samples(os.path.join(out_dir, "samples.png"), to_numpy(model.decoder(z)))
 
-    z_mean = np.concatenate([ops.convert_to_numpy(model.encode(x_test[i:i + common.EVAL_BATCH_SIZE])[0])
-                             for i in range(0, len(x_test), common.EVAL_BATCH_SIZE)])
+    z_mean = posterior_means(model, x_test)
     directions = common.principal_directions(z_mean)
     common.save_latent_space(os.path.join(out_dir, "latent_space.png"), z_mean @ directions,
                              y_test, common.CLASS_NAMES[args.dataset], latent_dim)
@@ -308,6 +377,11 @@ def save_artifacts(model, x_test, y_test, history, args):
     grid = common.latent_grid(directions, n)
     common.save_latent_manifold(os.path.join(out_dir, "latent_manifold.png"),
                                 to_numpy(model.decoder(grid)), n, latent_dim)
+
+    steps, pairs = 10, common.interpolation_pairs(y_test)
+    line = common.interpolation_codes(z_mean[pairs[:, 0]], z_mean[pairs[:, 1]], steps)
+    common.save_interpolations(os.path.join(out_dir, "interpolation.png"),
+                               to_numpy(model.decoder(line)), steps)
 
     common.save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 
@@ -368,12 +442,13 @@ def run(args, given):
     print(f"Keras {keras.__version__} on the {keras.backend.backend()} backend, on {device}")
 
     x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
+    x_train, x_test = common.binarize_splits(x_train, x_test, args.binarize)
     print(f"data: {len(x_train)} training and {len(x_test)} test images")
 
     with keras.device(device):
         history = []
         if state is None:
-            model = VAE(args.arch, args.latent_dim, seed=args.seed)
+            model = VAE(args.arch, args.latent_dim, seed=args.seed, likelihood=args.likelihood)
             # jit_compile="auto" compiles the train and test steps with XLA on TensorFlow and
             # JAX: measured here it halves the epoch time of this small model on a CPU.
             # epsilon=1e-8 is PyTorch's default (Keras's is 1e-7): both optimizers are the same.
@@ -391,8 +466,12 @@ def run(args, given):
                 start = time.perf_counter()
                 order = common.epoch_order(args.seed, epoch, len(x_train), args.batch_size,
                                            args.steps_per_epoch)
+                x_epoch = x_train[order]
+                if args.binarize == "dynamic":  # fresh binary pixels each time an image is seen
+                    x_epoch = common.binarize(x_epoch, [args.seed, epoch])
+                model.kl_weight.assign(common.kl_weight(args.beta, args.kl_warmup_epochs, epoch))
                 try:
-                    result = train_epoch(model, x_train[order], x_test, args.batch_size, epoch,
+                    result = train_epoch(model, x_epoch, x_test, args.batch_size, epoch,
                                          args.epochs, stop)
                 except NonFiniteLoss as error:
                     common.fail(prog, f"{error}; {checkpoint_path} keeps epoch {epoch - 1}: lower "
@@ -402,13 +481,23 @@ def run(args, given):
                     common.fail(prog, f"stopped by {stop.signal} in epoch {epoch}; "
                                       f"{checkpoint_path} keeps epoch {epoch - 1}; "
                                       f"{common.resume_hint(prog, args.out_dir)}", code=130)
-                history.append(common.epoch_record(epoch, *result, time.perf_counter() - start))
+                units = common.active_units(posterior_means(model, x_test))
+                history.append(common.epoch_record(epoch, *result, units,
+                                                   time.perf_counter() - start))
                 print(common.format_record(history[-1], args.epochs), flush=True)
+                if common.collapse_warning(history[-1]):
+                    print(common.collapse_warning(history[-1]), file=sys.stderr, flush=True)
                 save_checkpoint(checkpoint_path, model, args, history)
 
         save_artifacts(model, x_test, y_test, history, args)
+        test = common.final_test(history)
+        start = time.perf_counter()
+        test["iw_nll"] = iw_evaluate(model, x_test, args.iw_samples, args.likelihood,
+                                     args.latent_dim, args.seed)
+        test["iw_samples"] = args.iw_samples
+        print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= "
+              f"{test['iw_nll']:.2f} nats/image ({time.perf_counter() - start:.1f} s)")
 
-    test = common.final_test(history)
     backend = keras.backend.backend()
     common.write_metrics(
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend=backend,

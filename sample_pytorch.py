@@ -13,6 +13,10 @@ i.e. it minimises, in nats per image,
 with one sample z = z_mean + exp(z_log_var / 2) * eps, eps ~ N(0, I) (the reparameterization
 trick, which makes the sample differentiable in z_mean and z_log_var: the SGVB estimator).
 
+After training, log p(x) is estimated with the importance-weighted bound (Burda et al., 2015),
+    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
+which tightens towards log p(x) as K grows and equals the ELBO in expectation at K = 1.
+
 Run:
     python3 sample_pytorch.py                                  # MNIST, downloaded and cached
     python3 sample_pytorch.py --data-dir DIR                   # the four IDX files, offline
@@ -21,7 +25,9 @@ Everything lands in --out-dir (default outputs/pytorch); --help lists every flag
 """
 
 import importlib.metadata
+import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -136,11 +142,35 @@ class VAE(nn.Module):
 # Loss
 # ----------------------------------------------------------------------------------------------
 
-def negative_elbo(x, logits, z_mean, z_log_var):
+def continuous_bernoulli_log_normalizer(logits):
+    """log C(lambda) for lambda = sigmoid(logits), the continuous Bernoulli's normalizer
+    (Loaiza-Ganem and Cunningham, 2019). In logits, C = logits / tanh(logits / 2): no 0/0 at
+    lambda = 1/2 except at logits = 0 exactly, where a Taylor series takes over."""
+    small = logits.abs() < 1e-2
+    safe = torch.where(small, torch.ones_like(logits), logits)  # keeps 0/0 out of the gradient
+    exact = torch.log(safe / torch.tanh(safe / 2))
+    taylor = math.log(2.0) + logits.square() / 12 - 7 * logits.pow(4) / 1440
+    return torch.where(small, taylor, exact)
+
+
+def negative_elbo(x, logits, z_mean, z_log_var, likelihood="bernoulli"):
     """Per-image (reconstruction_loss, kl_loss) in nats; their sum is -ELBO."""
-    reconstruction_loss = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
-    kl_loss = -0.5 * (1 + z_log_var - z_mean.square() - z_log_var.exp()).sum(1)
+    # expand_as: x (N, 784) also scores K samples of logits (K, N, 784) at once
+    nll = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+    if likelihood == "continuous_bernoulli":
+        nll = nll - continuous_bernoulli_log_normalizer(logits)
+    reconstruction_loss = nll.sum(-1)
+    kl_loss = -0.5 * (1 + z_log_var - z_mean.square() - z_log_var.exp()).sum(-1)
     return reconstruction_loss, kl_loss
+
+
+def log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood="bernoulli"):
+    """log p(x, z) - log q(z|x) for samples z (K, N, latent_dim) and their logits (K, N, 784)."""
+    reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var, likelihood)
+    log_prior = -0.5 * (z.square() + math.log(2 * math.pi)).sum(-1)
+    eps = (z - z_mean) * torch.exp(-0.5 * z_log_var)
+    log_posterior = -0.5 * (eps.square() + math.log(2 * math.pi) + z_log_var).sum(-1)
+    return -reconstruction_loss + log_prior - log_posterior
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,18 +180,22 @@ def negative_elbo(x, logits, z_mean, z_log_var):
 NONFINITE_CHECK_EVERY = 50  # steps between looks at the loss's finiteness (a GPU sync each)
 
 
-def train_epoch(model, optimizer, x_train, order, batch_size, epoch, stop):
+def train_epoch(model, optimizer, x_train, order, args, epoch, stop):
     """One pass over x_train[order] in batches; per-image means of the two loss terms, or None
     when a stop was requested (the weights are then mid-epoch and must not be saved)."""
     model.train()
+    batch_size, likelihood = args.batch_size, args.likelihood
+    kl_weight = common.kl_weight(args.beta, args.kl_warmup_epochs, epoch)
     order = torch.from_numpy(order).to(x_train.device)
     steps = -(-len(order) // batch_size)
     totals = torch.zeros(2, device=x_train.device)  # summed on the device: no sync per step
     first_nonfinite = torch.tensor(-1, device=x_train.device)
     for step in tqdm(range(steps), desc=f"epoch {epoch}", leave=False, unit="batch"):
         x = x_train[order[step * batch_size:(step + 1) * batch_size]]
-        reconstruction_loss, kl_loss = negative_elbo(x, *model(x))
-        loss = (reconstruction_loss + kl_loss).mean()
+        if args.binarize == "dynamic":  # fresh binary pixels each time an image is seen
+            x = torch.bernoulli(x)
+        reconstruction_loss, kl_loss = negative_elbo(x, *model(x), likelihood)
+        loss = (reconstruction_loss + kl_weight * kl_loss).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -182,15 +216,54 @@ class NonFiniteLoss(Exception):
 
 
 @torch.no_grad()
-def evaluate(model, x_test, batch_size=common.EVAL_BATCH_SIZE):
+def evaluate(model, x_test, likelihood, batch_size=common.EVAL_BATCH_SIZE):
     """-ELBO's terms on the test set, with a sampled z as the ELBO is defined."""
     model.eval()
     totals = torch.zeros(2, device=x_test.device)
     for start in range(0, len(x_test), batch_size):
         x = x_test[start:start + batch_size]
-        reconstruction_loss, kl_loss = negative_elbo(x, *model(x))
+        reconstruction_loss, kl_loss = negative_elbo(x, *model(x), likelihood)
         totals += torch.stack((reconstruction_loss.sum(), kl_loss.sum()))
     return _means(totals, len(x_test))
+
+
+@torch.no_grad()
+def posterior_means(model, x, batch_size=common.EVAL_BATCH_SIZE):
+    """z_mean for every image, as a numpy array."""
+    model.eval()
+    return torch.cat([model.encode(x[i:i + batch_size])[0]
+                      for i in range(0, len(x), batch_size)]).cpu().numpy()
+
+
+@torch.no_grad()
+def importance_weighted_nll(model, x, eps, likelihood):
+    """Per-image -log (1/K) sum_k p(x, z_k) / q(z_k|x) with z_k = reparameterize(..., eps[k]),
+    eps (K, N, latent_dim): an upper bound on -log p(x) in nats. The samples go through the
+    decoder in chunks of at most common.IW_ROWS rows, and the K log-weights meet in one
+    logsumexp, which cannot overflow."""
+    model.eval()
+    z_mean, z_log_var = model.encode(x)
+    chunk = max(1, common.IW_ROWS // len(x))
+    log_weights = []
+    for start in range(0, len(eps), chunk):
+        z = reparameterize(z_mean, z_log_var, eps[start:start + chunk])
+        logits = model.decoder(z.flatten(0, 1)).unflatten(0, z.shape[:2])
+        log_weights.append(log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood))
+    return -(torch.logsumexp(torch.cat(log_weights), 0) - math.log(len(eps)))
+
+
+def iw_evaluate(model, x_test, num_samples, likelihood, latent_dim, seed):
+    """The importance-weighted bound averaged over the test set, with noise of its own seed
+    (redrawing a checkpoint's figures gives the same number)."""
+    generator = torch.Generator(x_test.device).manual_seed(seed)
+    images = max(1, common.IW_ROWS // num_samples)  # per batch: the noise stays small too
+    total = 0.0
+    for start in range(0, len(x_test), images):
+        x = x_test[start:start + images]
+        eps = torch.randn((num_samples, len(x), latent_dim), generator=generator,
+                          device=x.device)
+        total += importance_weighted_nll(model, x, eps, likelihood).sum().item()
+    return total / len(x_test)
 
 
 def _means(totals, count):
@@ -218,8 +291,7 @@ def save_artifacts(model, x_test, y_test, history, args):
     z = z.to(x_test.device)
     common.save_samples(os.path.join(out_dir, "samples.png"), to_numpy(model.decoder(z)))
 
-    z_mean = torch.cat([model.encode(x_test[i:i + common.EVAL_BATCH_SIZE])[0]
-                        for i in range(0, len(x_test), common.EVAL_BATCH_SIZE)]).cpu().numpy()
+    z_mean = posterior_means(model, x_test)
     directions = common.principal_directions(z_mean)
     common.save_latent_space(os.path.join(out_dir, "latent_space.png"), z_mean @ directions,
                              y_test, common.CLASS_NAMES[args.dataset], latent_dim)
@@ -228,6 +300,12 @@ def save_artifacts(model, x_test, y_test, history, args):
     grid = torch.from_numpy(common.latent_grid(directions, n)).to(x_test.device)
     common.save_latent_manifold(os.path.join(out_dir, "latent_manifold.png"),
                                 to_numpy(model.decoder(grid)), n, latent_dim)
+
+    steps, pairs = 10, common.interpolation_pairs(y_test)
+    line = common.interpolation_codes(z_mean[pairs[:, 0]], z_mean[pairs[:, 1]], steps)
+    common.save_interpolations(os.path.join(out_dir, "interpolation.png"),
+                               to_numpy(model.decoder(torch.from_numpy(line).to(x_test.device))),
+                               steps)
 
     common.save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 
@@ -291,6 +369,7 @@ def run(args, given):
     print(f"PyTorch {torch.__version__} on {device}")
 
     x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
+    x_train, x_test = common.binarize_splits(x_train, x_test, args.binarize)
     # The whole dataset lives on the device from here on: no per-batch copies or workers.
     x_train, x_test = (torch.from_numpy(x).to(device) for x in (x_train, x_test))
     print(f"data: {len(x_train)} training and {len(x_test)} test images")
@@ -317,7 +396,7 @@ def run(args, given):
             order = common.epoch_order(args.seed, epoch, len(x_train), args.batch_size,
                                        args.steps_per_epoch)
             try:
-                train = train_epoch(model, optimizer, x_train, order, args.batch_size, epoch, stop)
+                train = train_epoch(model, optimizer, x_train, order, args, epoch, stop)
             except NonFiniteLoss as error:
                 common.fail(prog, f"{error}; {checkpoint_path} keeps epoch {epoch - 1}: lower "
                                   f"--lr (now {args.lr:g}) and {common.resume_hint(prog, args.out_dir)}")
@@ -325,13 +404,23 @@ def run(args, given):
                 common.fail(prog, f"stopped by {stop.signal} in epoch {epoch}; {checkpoint_path} "
                                   f"keeps epoch {epoch - 1}; {common.resume_hint(prog, args.out_dir)}",
                             code=130)
-            test = evaluate(model, x_test)
-            history.append(common.epoch_record(epoch, train, test, time.perf_counter() - start))
+            test = evaluate(model, x_test, args.likelihood)
+            units = common.active_units(posterior_means(model, x_test))
+            history.append(common.epoch_record(epoch, train, test, units,
+                                               time.perf_counter() - start))
             print(common.format_record(history[-1], args.epochs), flush=True)
+            if common.collapse_warning(history[-1]):
+                print(common.collapse_warning(history[-1]), file=sys.stderr, flush=True)
             save_checkpoint(checkpoint_path, model, optimizer, args, history)
 
     save_artifacts(model, x_test, y_test, history, args)
     test = common.final_test(history)
+    start = time.perf_counter()
+    test["iw_nll"] = iw_evaluate(model, x_test, args.iw_samples, args.likelihood,
+                                 args.latent_dim, args.seed)
+    test["iw_samples"] = args.iw_samples
+    print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {test['iw_nll']:.2f} "
+          f"nats/image ({time.perf_counter() - start:.1f} s)")
     common.write_metrics(
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend="torch",
         config=vars(args), device=str(device),

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import vae_common as common  # noqa: E402
 
 ARTIFACTS = ("reconstructions.png", "samples.png", "latent_space.png", "latent_manifold.png",
-             "training_curves.png", "metrics.json")
+             "interpolation.png", "training_curves.png", "metrics.json")
 
 
 def synthetic_digits(n, seed):
@@ -74,9 +74,11 @@ def check_run_outputs(out_dir, checkpoint, framework, epochs):
     for record in metrics["history"]:
         assert set(record) == set(common.HISTORY_KEYS)
         assert all(np.isfinite(value) for value in record.values())
-    assert set(metrics["test"]) == {"loss", "reconstruction_loss", "kl_loss"}
+    assert set(metrics["test"]) == {"loss", "reconstruction_loss", "kl_loss", "iw_nll",
+                                    "iw_samples"}
     assert all(np.isfinite(value) for value in metrics["test"].values())
     test = metrics["test"]
     assert test["loss"] == pytest.approx(test["reconstruction_loss"] + test["kl_loss"])
+    assert test["iw_nll"] < test["loss"] and test["iw_samples"] == common.DEFAULT_IW_SAMPLES
     assert set(vars(common.parse_args(framework, []))) == set(metrics["config"])
     return metrics

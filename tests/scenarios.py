@@ -77,6 +77,8 @@ def test_resume_refuses_flags_that_change_the_model_or_the_data(framework, tmp_p
                            (["--arch", "conv"], "--arch conv differs"),
                            (["--data-dir", tmp_path], "--data-dir"),
                            (["--epochs", "0", "--dataset", "fashion_mnist"], "--dataset"),
+                           (["--binarize", "static"], "--binarize static differs"),
+                           (["--likelihood", "continuous_bernoulli"], "--likelihood"),
                            (["--epochs", "1", "--steps-per-epoch", "1"], None)):
         code, err = call_main(framework, ["--resume", "--out-dir", out_dir, *flags], capsys)
         if message is None:  # more epochs are welcome; the same number trains nothing more
@@ -116,7 +118,8 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(framework, tm
     monkeypatch.setattr(framework.module, "load_data", poisoned)
     argv = quick(data_dir, out_dir, "--epochs", "3", "--batch-size", "16", "--seed", "0")
     code, err = call_main(framework, argv, capsys)
-    assert code == 1 and err.count("\n") == 1
+    assert code == 1 and err.count(": error:") == 1
+    err = err.strip().splitlines()[-1]  # after any warning of epoch 1, the one error line
     assert "NaN or infinite in epoch 2" in err and "step" in err and "lower --lr" in err
     assert f"{framework.checkpoint} keeps epoch 1" in err and "--resume" in err
     # The checkpoint holds epoch 1, finite: nothing of the failed epoch was written.
@@ -129,6 +132,50 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(framework, tm
     code, err = call_main(framework, ["--resume", "--out-dir", out_dir], capsys)
     assert code == 0, err
     assert [r["epoch"] for r in history(out_dir)] == [1, 2, 3]
+
+
+# --- the training objective and the likelihood -------------------------------------------------
+
+def test_kl_warmup_starts_at_weight_zero_and_beta_weights_the_kl_term(framework, tmp_path,
+                                                                     data_dir, capsys):
+    runs = {"beta0": ["--beta", "0"], "warmup": ["--kl-warmup-epochs", "4"], "beta1": []}
+    for name, flags in runs.items():
+        argv = quick(data_dir, tmp_path / name, "--epochs", "2", "--steps-per-epoch", "6", *flags)
+        assert call_main(framework, argv, capsys)[0] == 0
+    beta0, warmup, beta1 = (history(tmp_path / name) for name in runs)
+    # Epoch 1 of a warm-up trains with KL weight 0: the very same run as --beta 0.
+    assert warmup[0] == beta0[0] != beta1[0]
+    # Then the KL term pulls q(z|x) towards the prior, harder as its weight grows.
+    assert beta1[1]["test_kl_loss"] < warmup[1]["test_kl_loss"] < beta0[1]["test_kl_loss"]
+    # Reported losses are always the true -ELBO, whatever the weight.
+    for record in beta0 + warmup:
+        assert record["test_loss"] == pytest.approx(record["test_reconstruction_loss"]
+                                                    + record["test_kl_loss"])
+
+
+@pytest.mark.parametrize("flags", [["--binarize", "dynamic"],
+                                   ["--binarize", "static", "--likelihood",
+                                    "continuous_bernoulli"],
+                                   ["--likelihood", "continuous_bernoulli", "--arch", "conv"]])
+def test_binarization_and_likelihoods_train_and_report_the_iw_bound(framework, tmp_path,
+                                                                   data_dir, capsys, flags):
+    out_dir = tmp_path / "out"
+    code, err = call_main(framework, quick(data_dir, out_dir, "--epochs", "2", "--iw-samples",
+                                           "20", *flags), capsys)
+    assert code == 0, err
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["config"]["binarize"] == (flags[1] if flags[0] == "--binarize" else "none")
+    test = metrics["test"]
+    assert test["iw_samples"] == 20 and np.isfinite(test["iw_nll"])
+    assert test["iw_nll"] < test["loss"]
+    assert all(0 <= r["active_units"] <= 2 for r in metrics["history"])
+
+
+def test_a_collapsed_posterior_is_warned_about(framework, tmp_path, data_dir, capsys,
+                                               monkeypatch):
+    monkeypatch.setattr(common, "active_units", lambda z_mean: 0)
+    code, err = call_main(framework, quick(data_dir, tmp_path / "out", "--epochs", "1"), capsys)
+    assert code == 0 and "no active latent units" in err and "--kl-warmup-epochs" in err
 
 
 # --- bad checkpoints ------------------------------------------------------------------------
@@ -201,6 +248,10 @@ def test_bad_data_gives_one_line_and_writes_nothing(framework, tmp_path, capsys,
     (["--lr", "-0.1"], "--lr: must be a positive float"),
     (["--lr", "inf"], "--lr: must be a positive float"),
     (["--steps-per-epoch", "two"], "--steps-per-epoch: expected a int"),
+    (["--iw-samples", "0"], "--iw-samples: must be a positive int"),
+    (["--beta", "-1"], "--beta: must be a non-negative float"),
+    (["--kl-warmup-epochs", "-2"], "--kl-warmup-epochs: must be a non-negative int"),
+    (["--binarize", "yes"], "--binarize: invalid choice"),
 ])
 def test_bad_flags_give_one_line_before_any_work(framework, tmp_path, capsys, flags, message):
     code, err = call_main(framework, ["--out-dir", tmp_path / "out", *flags], capsys)

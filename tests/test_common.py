@@ -208,7 +208,7 @@ def test_prepare_out_dir_refuses_a_file_and_an_unwritable_folder(tmp_path):
 
 def test_write_metrics_writes_the_contract_keys(tmp_path):
     history = [common.epoch_record(1, {"loss": 3.0, "reconstruction_loss": 2.0, "kl_loss": 1.0},
-                                   {"loss": 4.0, "reconstruction_loss": 3.0, "kl_loss": 1.0}, 0.5)]
+                                   {"loss": 4.0, "reconstruction_loss": 3.0, "kl_loss": 1.0}, 2, 0.5)]
     common.write_metrics(str(tmp_path / "m.json"), framework="pytorch", backend="torch",
                          config={"epochs": 1}, device="cpu", versions={"torch": "x"},
                          history=history, test=common.final_test(history))
@@ -216,7 +216,7 @@ def test_write_metrics_writes_the_contract_keys(tmp_path):
     assert metrics["history"][0] == {"epoch": 1, "train_loss": 3.0,
                                      "train_reconstruction_loss": 2.0, "train_kl_loss": 1.0,
                                      "test_loss": 4.0, "test_reconstruction_loss": 3.0,
-                                     "test_kl_loss": 1.0, "seconds": 0.5}
+                                     "test_kl_loss": 1.0, "active_units": 2, "seconds": 0.5}
     assert metrics["test"] == {"loss": 4.0, "reconstruction_loss": 3.0, "kl_loss": 1.0}
     assert metrics["versions"]["torch"] == "x" and "numpy" in metrics["versions"]
 
@@ -233,3 +233,44 @@ def test_steps_per_epoch_counts_the_last_partial_batch_and_caps():
     assert common.steps_per_epoch(257, 128) == 3
     assert common.steps_per_epoch(257, 128, cap=2) == 2
     assert common.steps_per_epoch(10, 128, cap=5) == 1
+
+
+def test_interpolation_pairs_join_consecutive_classes():
+    labels = np.array([3, 0, 1, 1, 2, 0, 4, 5, 6, 7, 8, 9])
+    pairs = common.interpolation_pairs(labels)
+    assert pairs.tolist() == [[1, 2], [2, 4], [4, 0], [0, 6], [6, 7], [7, 8], [8, 9], [9, 10]]
+    assert common.interpolation_pairs(np.zeros(20, int), pairs=3).tolist() == [[0, 1], [2, 3],
+                                                                                [4, 5]]
+
+
+def test_interpolation_codes_run_straight_from_start_to_end():
+    start, end = np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([[1.0, 2.0], [-1.0, 1.0]])
+    codes = common.interpolation_codes(start, end, 3).reshape(2, 3, 2)
+    np.testing.assert_allclose(codes[:, 0], start)
+    np.testing.assert_allclose(codes[:, -1], end)
+    np.testing.assert_allclose(codes[0, 1], [0.5, 1.0])
+
+
+def test_binarization_draws_pixels_with_their_grey_level_as_probability():
+    grey = np.full((200, 784), 0.3, np.float32)
+    binary = common.binarize(grey, seed=0)
+    assert set(np.unique(binary)) == {0.0, 1.0}
+    assert binary.mean() == pytest.approx(0.3, abs=0.005)
+    np.testing.assert_array_equal(binary, common.binarize(grey, seed=0))
+    x_train, x_test = np.full((5, 784), 0.5, np.float32), np.full((5, 784), 0.5, np.float32)
+    for mode, train_binary, test_binary in (("none", False, False), ("dynamic", False, True),
+                                            ("static", True, True)):
+        new_train, new_test = common.binarize_splits(x_train, x_test, mode)
+        assert set(np.unique(new_train)) <= {0.0, 1.0} if train_binary else new_train is x_train
+        assert set(np.unique(new_test)) <= {0.0, 1.0} if test_binary else new_test is x_test
+
+
+def test_kl_weight_warms_up_linearly_from_zero_to_beta():
+    assert [common.kl_weight(0.5, 4, e) for e in range(1, 7)] == [0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert common.kl_weight(2.0, 0, 1) == 2.0
+
+
+def test_active_units_counts_dimensions_that_vary_more_than_a_hundredth():
+    rng = np.random.default_rng(0)
+    z_mean = rng.normal(size=(1000, 4)) * np.array([1.0, 0.5, 0.05, 0.0])
+    assert common.active_units(z_mean) == 2

@@ -173,6 +173,61 @@ def test_pytorch_and_keras_models_compute_the_same_function(arch):
     assert relative_difference(loss, (expected[3] + expected[4]).mean().numpy()) < 1e-5
 
 
+def test_continuous_bernoulli_agrees_with_pytorch_and_integrates_to_one():
+    rng = np.random.default_rng(2)
+    logits = np.concatenate([rng.normal(scale=6, size=200), rng.normal(scale=0.01, size=50),
+                             [0.0, 1e-2, -1e-2]]).astype(np.float32)
+    ours = to_numpy(sk.continuous_bernoulli_log_normalizer(*tensors(logits)))
+    theirs = sp.continuous_bernoulli_log_normalizer(torch.from_numpy(logits)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    x = np.linspace(0.0, 1.0, 100_001)
+    for logit in (-20.0, -1e-3, 0.0, 0.4, 7.0):
+        grid, logit_grid = np.float64(x).reshape(-1, 1), np.full((len(x), 1), logit)
+        zeros = np.zeros((len(x), 1))
+        nll, _ = sk.negative_elbo(*[keras.ops.convert_to_tensor(a, "float64")
+                                    for a in (grid, logit_grid, zeros, zeros)],
+                                  "continuous_bernoulli")
+        assert np.trapezoid(np.exp(-to_numpy(nll)), x) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch, likelihood", [("mlp", "bernoulli"),
+                                              ("conv", "continuous_bernoulli")])
+def test_pytorch_and_keras_give_the_same_iw_bound(arch, likelihood):
+    torch.manual_seed(1)
+    torch_model = sp.VAE(arch, 3).eval()
+    keras_model = sk.VAE(arch, 3, seed=0, likelihood=likelihood)
+    rng = np.random.default_rng(3)
+    x = rng.random((5, 784)).astype(np.float32)
+    eps = rng.normal(size=(40, 5, 3)).astype(np.float32)
+    keras_model(x)
+    copy_pytorch_weights(torch_model, keras_model, arch)
+    theirs = sp.importance_weighted_nll(torch_model, torch.from_numpy(x), torch.from_numpy(eps),
+                                        likelihood).numpy()
+    ours = sk.importance_weighted_nll(keras_model, *tensors(x, eps), likelihood)
+    assert relative_difference(ours, theirs) < 1e-5
+    # and with the same weights, the same -ELBO terms under that likelihood
+    with torch.no_grad():
+        logits, z_mean, z_log_var = torch_model(torch.from_numpy(x), torch.from_numpy(eps[0]))
+        expected = sp.negative_elbo(torch.from_numpy(x), logits, z_mean, z_log_var, likelihood)
+    x_k, eps_k = tensors(x, eps[0])
+    z_mean, z_log_var = keras_model.encode(x_k)
+    logits = keras_model.decoder(sk.reparameterize(z_mean, z_log_var, eps_k))
+    for a, b in zip(sk.negative_elbo(x_k, logits, z_mean, z_log_var, likelihood), expected):
+        assert relative_difference(a, b.numpy()) < 1e-5
+
+
+def test_compute_loss_weights_kl_only_while_training():
+    model = sk.VAE("mlp", 2, seed=0)
+    x = np.random.default_rng(0).random((6, 784)).astype(np.float32)
+    y_pred = model(x)
+    reconstruction_loss, kl_loss = (to_numpy(t) for t in sk.negative_elbo(*tensors(x), *y_pred))
+    model.kl_weight.assign(0.25)
+    training = float(to_numpy(model.compute_loss(x, None, y_pred, training=True)))
+    testing = float(to_numpy(model.compute_loss(x, None, y_pred, training=False)))
+    assert training == pytest.approx(np.mean(reconstruction_loss + 0.25 * kl_loss), rel=1e-6)
+    assert testing == pytest.approx(np.mean(reconstruction_loss + kl_loss), rel=1e-6)
+
+
 # --- training, checkpoint, script ------------------------------------------------------------
 
 def test_the_same_seed_gives_the_same_losses(tmp_path, data_dir):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import check_run_outputs, run_script
+from conftest import check_run_outputs, run_script, synthetic_digits
 
 import sample_pytorch as sp
 
@@ -50,6 +50,94 @@ def test_losses_stay_finite_for_saturated_logits():
     assert reconstruction_loss.item() == pytest.approx(400.0)
 
 
+# --- the continuous Bernoulli and the importance-weighted bound ----------------------------------
+
+LOGITS = [-40.0, -5.0, -0.5, -0.02, -1e-3, 0.0, 1e-6, 5e-3, 0.0101, 0.3, 5.0, 30.0]
+
+
+def pixel_nll(x, logits, likelihood):
+    """-log p(x) of single pixels through negative_elbo (each pixel its own 1-pixel image)."""
+    x, logits = (torch.as_tensor(np.asarray(a), dtype=torch.float64).reshape(-1, 1)
+                 for a in np.broadcast_arrays(x, logits))
+    zeros = torch.zeros(len(x), 1, dtype=torch.float64)
+    return sp.negative_elbo(x, logits, zeros, zeros, likelihood)[0].numpy()
+
+
+@pytest.mark.parametrize("logit", LOGITS)
+def test_continuous_bernoulli_density_integrates_to_one(logit):
+    x = np.linspace(0.0, 1.0, 200_001)
+    density = np.exp(-pixel_nll(x, logit, "continuous_bernoulli"))
+    assert np.trapezoid(density, x) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_continuous_bernoulli_normalizer_matches_its_closed_form_in_lambda():
+    for logit in (-3.0, 0.7, 4.0):
+        lam = 1 / (1 + math.exp(-logit))
+        expected = math.log(2 * math.atanh(1 - 2 * lam) / (1 - 2 * lam))
+        got = sp.continuous_bernoulli_log_normalizer(torch.tensor(logit, dtype=torch.float64))
+        assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_continuous_bernoulli_is_smooth_and_finite_around_one_half():
+    logits = torch.tensor([-1e-2 - 1e-9, -1e-2 + 1e-9, -1e-8, 0.0, 1e-8, 1e-2 - 1e-9, 1e-2 + 1e-9],
+                          requires_grad=True)
+    values = sp.continuous_bernoulli_log_normalizer(logits)
+    values.sum().backward()
+    assert torch.isfinite(values).all() and torch.isfinite(logits.grad).all()
+    assert values[0].item() == pytest.approx(values[1].item(), abs=1e-6)  # across the switch
+    assert values[3].item() == pytest.approx(math.log(2.0), abs=1e-7)
+    torch.testing.assert_close(logits.grad, logits.detach() / 6, atol=1e-4, rtol=0)
+
+
+def small_trained_model(likelihood="bernoulli"):
+    torch.manual_seed(0)
+    model = sp.VAE("mlp", 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.from_numpy(sp.common.to_unit_interval(synthetic_digits(64, 0)[0]))
+    for _ in range(60):
+        reconstruction_loss, kl_loss = sp.negative_elbo(x, *model(x), likelihood)
+        optimizer.zero_grad()
+        (reconstruction_loss + kl_loss).mean().backward()
+        optimizer.step()
+    return model.eval(), x[:8]
+
+
+def test_iw_bound_at_k_1_has_the_elbos_expectation():
+    model, x = small_trained_model()
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sp.importance_weighted_nll(model, x, torch.randn(1, 8, 2,
+                                                                         generator=generator),
+                                                    "bernoulli") for _ in range(2000)])
+    with torch.no_grad():
+        z_mean, z_log_var = model.encode(x)
+        eps = torch.randn(2000, 8, 2, generator=generator)
+        logits = model.decoder(sp.reparameterize(z_mean, z_log_var, eps))
+        reconstruction_loss, kl_loss = sp.negative_elbo(x, logits, z_mean, z_log_var)
+    loss = (reconstruction_loss + kl_loss).mean(0)  # -ELBO, closed-form KL
+    standard_error = draws.std(0) / math.sqrt(len(draws))
+    assert torch.all((draws.mean(0) - loss).abs() < 5 * standard_error + 0.05)
+
+
+def test_iw_bound_lies_below_the_loss_and_tightens_as_k_grows():
+    model, x = small_trained_model()
+    bounds = [sp.iw_evaluate(model, x, k, "bernoulli", 2, seed=0) for k in (1, 10, 100, 1000)]
+    with torch.no_grad():
+        reconstruction_loss, kl_loss = sp.negative_elbo(x, *model(x))
+    loss = (reconstruction_loss + kl_loss).mean().item()
+    assert bounds[0] == pytest.approx(loss, abs=3.0)
+    assert bounds[1] < bounds[0] and bounds[2] < bounds[1] + 0.05 and bounds[3] < bounds[2] + 0.05
+    assert bounds[3] < loss - 0.5
+
+
+def test_iw_estimate_does_not_depend_on_how_it_is_chunked(monkeypatch):
+    model, x = small_trained_model("continuous_bernoulli")
+    eps = torch.randn(300, 8, 2, generator=torch.Generator().manual_seed(1))
+    whole = sp.importance_weighted_nll(model, x, eps, "continuous_bernoulli")
+    monkeypatch.setattr(sp.common, "IW_ROWS", 50)  # 6 samples per decoder call
+    torch.testing.assert_close(sp.importance_weighted_nll(model, x, eps, "continuous_bernoulli"),
+                               whole)
+
+
 def test_gradients_reach_z_mean_and_z_log_var_through_reparameterize():
     z_mean = torch.tensor([0.5, -1.0], requires_grad=True)
     z_log_var = torch.tensor([0.2, -0.4], requires_grad=True)
@@ -77,13 +165,14 @@ def test_a_training_epoch_lowers_the_loss():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = (torch.rand(64, 784) < 0.2).float()
     loss = lambda terms: terms["reconstruction_loss"] + terms["kl_loss"]
-    before = sp.evaluate(model, x, batch_size=10)
+    args = sp.common.parse_args("pytorch", ["--batch-size", "16"])
+    before = sp.evaluate(model, x, "bernoulli", batch_size=10)
     with sp.common.StopRequest() as stop:
         for epoch in range(1, 6):
             order = sp.common.epoch_order(0, epoch, len(x), 16)
-            train = sp.train_epoch(model, optimizer, x, order, 16, epoch, stop)
+            train = sp.train_epoch(model, optimizer, x, order, args, epoch, stop)
     assert set(train) == {"reconstruction_loss", "kl_loss"}
-    assert loss(sp.evaluate(model, x, batch_size=10)) < loss(before) - 50
+    assert loss(sp.evaluate(model, x, "bernoulli", batch_size=10)) < loss(before) - 50
 
 
 def test_the_same_seed_gives_the_same_losses(tmp_path, data_dir):
