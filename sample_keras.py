@@ -260,22 +260,28 @@ def log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood="bernoull
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
 
-def steps_per_execution():
-    """Batches per compiled call: fewer trips from Python into the backend. Measured here on
-    TensorFlow, 8 takes an epoch from 0.8 s to 0.6 s and removes the stalls seen with 1; NaN
-    checks and Ctrl-C then act within 8 batches. The torch backend accepts only 1."""
-    return 1 if keras.backend.backend() == "torch" else 8
+def compile_options():
+    """How fit() runs the steps, measured here on the real split with a 2-core CPU:
+    - steps_per_execution=8 runs 8 batches per compiled call, taking an epoch from 0.8 s to
+      0.65 s (NaN checks and Ctrl-C then act within 8 batches); the torch backend takes 1 only.
+    - XLA (jit_compile) does not pay for itself on TensorFlow: with 8 steps per call it saves
+      nothing per epoch (mlp 0.66 s either way, conv 2.8 s with it and 2.3 s without) and
+      costs 2 to 4 s of compiling before the first step. JAX has no fast path without it."""
+    backend = keras.backend.backend()
+    return {"steps_per_execution": 1 if backend == "torch" else 8,
+            "jit_compile": backend == "jax"}
 
 
 class Watch(keras.callbacks.Callback):
     """Stops fit() after the current batches when a stop is requested or the loss is no longer
     finite, and remembers which happened."""
 
-    def __init__(self, stop):
+    def __init__(self, stop, first_step):
         super().__init__()
-        self.stop, self.nonfinite_step = stop, None
+        self.stop, self.first_step, self.nonfinite_step = stop, first_step, None
 
     def on_train_batch_end(self, batch, logs=None):
+        self.first_step.done()
         if not math.isfinite(float(logs["loss"])):
             self.nonfinite_step = batch + 1
         if self.stop.signal or self.nonfinite_step:
@@ -294,11 +300,11 @@ class Progbar(keras.callbacks.ProgbarLogger):
         self.epochs = self.run_epochs
 
 
-def train_epoch(model, x_epoch, x_test, batch_size, epoch, epochs, stop):
+def train_epoch(model, x_epoch, x_test, batch_size, epoch, epochs, stop, first_step):
     """One epoch of fit() over x_epoch, already in this epoch's order, then validation on the
     test split; per-image means of the two loss terms for both, or None when a stop was
     requested (the weights are then mid-epoch and must not be saved)."""
-    watch = Watch(stop)
+    watch = Watch(stop, first_step)
     logs = model.fit(x_epoch, batch_size=batch_size, epochs=epoch, initial_epoch=epoch - 1,
                      shuffle=False, validation_data=x_test,
                      validation_batch_size=common.EVAL_BATCH_SIZE,
@@ -449,18 +455,16 @@ def run(args, given):
         history = []
         if state is None:
             model = VAE(args.arch, args.latent_dim, seed=args.seed, likelihood=args.likelihood)
-            # jit_compile="auto" compiles the train and test steps with XLA on TensorFlow and
-            # JAX: measured here it halves the epoch time of this small model on a CPU.
             # epsilon=1e-8 is PyTorch's default (Keras's is 1e-7): both optimizers are the same.
             model.compile(optimizer=keras.optimizers.Adam(args.lr, epsilon=1e-8),
-                          jit_compile="auto", steps_per_execution=steps_per_execution())
+                          **compile_options())
         else:
             model, state = read_checkpoint(checkpoint_path)  # weights, optimizer, noise state
             model.optimizer.learning_rate.assign(args.lr)  # --lr may change, e.g. after a NaN
             history = state["history"]
             print(f"resuming after epoch {len(history)} of {checkpoint_path}")
 
-        prog = f"sample_{FRAMEWORK}.py"
+        prog, first_step = f"sample_{FRAMEWORK}.py", common.FirstStep()
         with common.StopRequest() as stop:
             for epoch in range(len(history) + 1, args.epochs + 1):
                 start = time.perf_counter()
@@ -472,7 +476,7 @@ def run(args, given):
                 model.kl_weight.assign(common.kl_weight(args.beta, args.kl_warmup_epochs, epoch))
                 try:
                     result = train_epoch(model, x_epoch, x_test, args.batch_size, epoch,
-                                         args.epochs, stop)
+                                         args.epochs, stop, first_step)
                 except NonFiniteLoss as error:
                     common.fail(prog, f"{error}; {checkpoint_path} keeps epoch {epoch - 1}: lower "
                                       f"--lr (now {args.lr:g}) and "
@@ -503,7 +507,7 @@ def run(args, given):
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend=backend,
         config=vars(args), device=device,
         versions={"keras": keras.__version__, backend: __import__(backend).__version__},
-        history=history, test=test)
+        history=history, test=test, first_step=first_step)
     print(f"test: loss {test['loss']:.2f} = reconstruction {test['reconstruction_loss']:.2f} "
           f"+ kl {test['kl_loss']:.2f} nats/image; artifacts in {args.out_dir}")
 

@@ -16,6 +16,7 @@ import platform
 import signal
 import struct
 import sys
+import time
 from statistics import NormalDist
 
 import numpy as np
@@ -544,7 +545,8 @@ def collapse_warning(record):
     return None
 
 
-def write_metrics(path, *, framework, backend, config, device, versions, history, test):
+def write_metrics(path, *, framework, backend, config, device, versions, history, test,
+                  first_step):
     metrics = {
         "framework": framework,
         "backend": backend,
@@ -553,6 +555,7 @@ def write_metrics(path, *, framework, backend, config, device, versions, history
         "versions": {"python": platform.python_version(), "numpy": np.__version__, **versions},
         "history": history,
         "test": test,
+        "timing": {"first_step_at": first_step.at},  # Unix time; None when nothing trained
     }
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
@@ -587,6 +590,17 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal}: stopping after this batch (send it again to stop at once)",
               file=sys.stderr, flush=True)
+
+
+class FirstStep:
+    """Remembers when this process finished its first training step (wall clock), which
+    metrics.json reports so that benchmarks/ can time start-up from outside."""
+
+    at = None
+
+    def done(self):
+        if self.at is None:
+            self.at = time.time()
 
 
 def resume_hint(prog, out_dir):

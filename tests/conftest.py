@@ -68,7 +68,8 @@ def check_run_outputs(out_dir, checkpoint, framework, epochs):
     assert not [p for p in Path(out_dir).iterdir() if p.name.startswith(".tmp-")]
     metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
     assert set(metrics) == {"framework", "backend", "config", "device", "versions", "history",
-                            "test"}
+                            "test", "timing"}
+    assert metrics["timing"]["first_step_at"] > 1.7e9  # a Unix time, this century
     assert metrics["framework"] == framework
     assert len(metrics["history"]) == epochs
     for record in metrics["history"]:

@@ -211,7 +211,8 @@ def test_write_metrics_writes_the_contract_keys(tmp_path):
                                    {"loss": 4.0, "reconstruction_loss": 3.0, "kl_loss": 1.0}, 2, 0.5)]
     common.write_metrics(str(tmp_path / "m.json"), framework="pytorch", backend="torch",
                          config={"epochs": 1}, device="cpu", versions={"torch": "x"},
-                         history=history, test=common.final_test(history))
+                         history=history, test=common.final_test(history),
+                         first_step=common.FirstStep())
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["history"][0] == {"epoch": 1, "train_loss": 3.0,
                                      "train_reconstruction_loss": 2.0, "train_kl_loss": 1.0,

@@ -170,7 +170,8 @@ def test_a_training_epoch_lowers_the_loss():
     with sp.common.StopRequest() as stop:
         for epoch in range(1, 6):
             order = sp.common.epoch_order(0, epoch, len(x), 16)
-            train = sp.train_epoch(model, optimizer, x, order, args, epoch, stop)
+            train = sp.train_epoch(model, optimizer, x, order, args, epoch, stop,
+                                   sp.common.FirstStep())
     assert set(train) == {"reconstruction_loss", "kl_loss"}
     assert loss(sp.evaluate(model, x, "bernoulli", batch_size=10)) < loss(before) - 50
 
