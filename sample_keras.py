@@ -310,16 +310,11 @@ def train_epoch(model, x_epoch, x_test, batch_size, epoch, epochs, stop, first_s
                      validation_batch_size=common.EVAL_BATCH_SIZE,
                      callbacks=[Progbar(epochs), watch]).history
     if watch.nonfinite_step:
-        raise NonFiniteLoss(epoch, watch.nonfinite_step)
+        raise common.NonFiniteLoss(epoch, watch.nonfinite_step)
     if stop.signal:
         return None
     keys = ("reconstruction_loss", "kl_loss")
     return {key: logs[key][-1] for key in keys}, {key: logs[f"val_{key}"][-1] for key in keys}
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, epoch, step):
-        super().__init__(f"the loss became NaN or infinite in epoch {epoch} by step {step}")
 
 
 def posterior_means(model, x, batch_size=common.EVAL_BATCH_SIZE):
@@ -392,9 +387,6 @@ def save_artifacts(model, x_test, y_test, history, args):
     common.save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 
 
-CHECKPOINT = "checkpoint.keras"
-
-
 def save_checkpoint(path, model, args, history):
     """Everything a resumed run needs to continue exactly (weights, optimizer and noise state,
     epoch, config, history), written atomically: a kill at any instant leaves the previous
@@ -407,12 +399,7 @@ def save_checkpoint(path, model, args, history):
 
 def read_checkpoint(path):
     """(model, training state) from a checkpoint, or a UserError that says what is wrong."""
-    if not os.path.exists(path):
-        other = os.path.join(os.path.dirname(path), "checkpoint.pt")
-        if os.path.exists(other):
-            raise common.UserError(f"{other} was written by sample_pytorch.py; resume it with "
-                                   "that script, or pick another --out-dir")
-        raise common.UserError(f"no {path} to resume; run without --resume to start afresh")
+    common.require_checkpoint(path)
     try:
         model = keras.saving.load_model(path)
         state = json.loads(model.training_state)
@@ -434,14 +421,9 @@ def load_checkpoint(path):
 # ----------------------------------------------------------------------------------------------
 
 def run(args, given):
-    checkpoint_path = os.path.join(args.out_dir, CHECKPOINT)
-    state = None
-    if args.resume:
-        _, state = read_checkpoint(checkpoint_path)
-        args = common.resumed_args(args, given, state["config"], state["epoch"])
-    elif os.path.isfile(checkpoint_path):
-        _, saved = read_checkpoint(checkpoint_path)
-        common.check_fresh_start(args.out_dir, CHECKPOINT, saved["epoch"], saved["config"]["epochs"])
+    checkpoint_path = os.path.join(args.out_dir, common.CHECKPOINTS[FRAMEWORK])
+    args, state = common.plan_run(args, given, checkpoint_path,
+                                  lambda path: read_checkpoint(path)[1])
     device = select_device(args.device)
     common.prepare_out_dir(args.out_dir)
     keras.utils.set_random_seed(args.seed)  # weights; the noise and batch order have their own
@@ -464,7 +446,7 @@ def run(args, given):
             history = state["history"]
             print(f"resuming after epoch {len(history)} of {checkpoint_path}")
 
-        prog, first_step = f"sample_{FRAMEWORK}.py", common.FirstStep()
+        first_step = common.FirstStep()
         with common.StopRequest() as stop:
             for epoch in range(len(history) + 1, args.epochs + 1):
                 start = time.perf_counter()
@@ -477,14 +459,10 @@ def run(args, given):
                 try:
                     result = train_epoch(model, x_epoch, x_test, args.batch_size, epoch,
                                          args.epochs, stop, first_step)
-                except NonFiniteLoss as error:
-                    common.fail(prog, f"{error}; {checkpoint_path} keeps epoch {epoch - 1}: lower "
-                                      f"--lr (now {args.lr:g}) and "
-                                      f"{common.resume_hint(prog, args.out_dir)}")
+                except common.NonFiniteLoss as error:
+                    common.stop_training(FRAMEWORK, args, epoch, nonfinite=error)
                 if result is None:
-                    common.fail(prog, f"stopped by {stop.signal} in epoch {epoch}; "
-                                      f"{checkpoint_path} keeps epoch {epoch - 1}; "
-                                      f"{common.resume_hint(prog, args.out_dir)}", code=130)
+                    common.stop_training(FRAMEWORK, args, epoch, stop_signal=stop.signal)
                 units = common.active_units(posterior_means(model, x_test))
                 history.append(common.epoch_record(epoch, *result, units,
                                                    time.perf_counter() - start))
@@ -494,13 +472,11 @@ def run(args, given):
                 save_checkpoint(checkpoint_path, model, args, history)
 
         save_artifacts(model, x_test, y_test, history, args)
-        test = common.final_test(history)
         start = time.perf_counter()
-        test["iw_nll"] = iw_evaluate(model, x_test, args.iw_samples, args.likelihood,
-                                     args.latent_dim, args.seed)
-        test["iw_samples"] = args.iw_samples
-        print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= "
-              f"{test['iw_nll']:.2f} nats/image ({time.perf_counter() - start:.1f} s)")
+        test = {**common.final_test(history), "iw_samples": args.iw_samples,
+                "iw_nll": iw_evaluate(model, x_test, args.iw_samples, args.likelihood,
+                                      args.latent_dim, args.seed)}
+        iw_seconds = time.perf_counter() - start
 
     backend = keras.backend.backend()
     common.write_metrics(
@@ -508,23 +484,11 @@ def run(args, given):
         config=vars(args), device=device,
         versions={"keras": keras.__version__, backend: __import__(backend).__version__},
         history=history, test=test, first_step=first_step)
-    print(f"test: loss {test['loss']:.2f} = reconstruction {test['reconstruction_loss']:.2f} "
-          f"+ kl {test['kl_loss']:.2f} nats/image; artifacts in {args.out_dir}")
+    common.report(test, args.out_dir, iw_seconds)
 
 
 def main(argv=None):
-    prog = f"sample_{FRAMEWORK}.py"
-    args = common.parse_args(FRAMEWORK, argv)
-    try:
-        run(args, common.given_flags(FRAMEWORK, argv))
-    except common.UserError as error:
-        common.fail(prog, error)
-    except KeyboardInterrupt:
-        common.fail(prog, "stopped at once; the last checkpoint is intact; "
-                          + common.resume_hint(prog, args.out_dir), code=130)
-    except OSError as error:  # a full disk, say: atomic writes kept the previous files whole
-        common.fail(prog, f"cannot write {error.filename or args.out_dir}: {error.strerror}; "
-                          "the files already there are intact")
+    common.main(FRAMEWORK, run, argv)
 
 
 if __name__ == "__main__":

@@ -205,15 +205,10 @@ def train_epoch(model, optimizer, x_train, order, args, epoch, stop, first_step)
                                       step, first_nonfinite)
         if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == steps:
             if first_nonfinite >= 0:
-                raise NonFiniteLoss(epoch, int(first_nonfinite) + 1)
+                raise common.NonFiniteLoss(epoch, int(first_nonfinite) + 1)
         if stop.signal:
             return None
     return _means(totals, len(order))
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, epoch, step):
-        super().__init__(f"the loss became NaN or infinite in epoch {epoch} at step {step}")
 
 
 @torch.no_grad()
@@ -311,9 +306,6 @@ def save_artifacts(model, x_test, y_test, history, args):
     common.save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
 def save_checkpoint(path, model, optimizer, args, history):
     """Everything a resumed run needs to continue exactly, written atomically: a kill at any
     instant leaves the previous checkpoint whole."""
@@ -327,12 +319,7 @@ def save_checkpoint(path, model, optimizer, args, history):
 
 def read_checkpoint(path):
     """The saved state as a dict, or a UserError that says what is wrong with the file."""
-    if not os.path.exists(path):
-        other = os.path.join(os.path.dirname(path), "checkpoint.keras")
-        if os.path.exists(other):
-            raise common.UserError(f"{other} was written by sample_keras.py; resume it with that "
-                                   "script, or pick another --out-dir")
-        raise common.UserError(f"no {path} to resume; run without --resume to start afresh")
+    common.require_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged zip or pickle
@@ -356,14 +343,8 @@ def load_checkpoint(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 def run(args, given):
-    checkpoint_path = os.path.join(args.out_dir, CHECKPOINT)
-    state = None
-    if args.resume:
-        state = read_checkpoint(checkpoint_path)
-        args = common.resumed_args(args, given, state["config"], state["epoch"])
-    elif os.path.isfile(checkpoint_path):
-        saved = read_checkpoint(checkpoint_path)
-        common.check_fresh_start(args.out_dir, CHECKPOINT, saved["epoch"], saved["config"]["epochs"])
+    checkpoint_path = os.path.join(args.out_dir, common.CHECKPOINTS[FRAMEWORK])
+    args, state = common.plan_run(args, given, checkpoint_path, read_checkpoint)
     device = select_device(args.device)
     common.prepare_out_dir(args.out_dir)
     torch.manual_seed(args.seed)  # weights and the noise eps; the batch order has its own
@@ -392,7 +373,7 @@ def run(args, given):
         history = state["history"]
         print(f"resuming after epoch {len(history)} of {checkpoint_path}")
 
-    prog, first_step = f"sample_{FRAMEWORK}.py", common.FirstStep()
+    first_step = common.FirstStep()
     with common.StopRequest() as stop:
         for epoch in range(len(history) + 1, args.epochs + 1):
             start = time.perf_counter()
@@ -401,13 +382,10 @@ def run(args, given):
             try:
                 train = train_epoch(model, optimizer, x_train, order, args, epoch, stop,
                                     first_step)
-            except NonFiniteLoss as error:
-                common.fail(prog, f"{error}; {checkpoint_path} keeps epoch {epoch - 1}: lower "
-                                  f"--lr (now {args.lr:g}) and {common.resume_hint(prog, args.out_dir)}")
+            except common.NonFiniteLoss as error:
+                common.stop_training(FRAMEWORK, args, epoch, nonfinite=error)
             if train is None:
-                common.fail(prog, f"stopped by {stop.signal} in epoch {epoch}; {checkpoint_path} "
-                                  f"keeps epoch {epoch - 1}; {common.resume_hint(prog, args.out_dir)}",
-                            code=130)
+                common.stop_training(FRAMEWORK, args, epoch, stop_signal=stop.signal)
             test = evaluate(model, x_test, args.likelihood)
             units = common.active_units(posterior_means(model, x_test))
             history.append(common.epoch_record(epoch, train, test, units,
@@ -418,36 +396,22 @@ def run(args, given):
             save_checkpoint(checkpoint_path, model, optimizer, args, history)
 
     save_artifacts(model, x_test, y_test, history, args)
-    test = common.final_test(history)
     start = time.perf_counter()
-    test["iw_nll"] = iw_evaluate(model, x_test, args.iw_samples, args.likelihood,
-                                 args.latent_dim, args.seed)
-    test["iw_samples"] = args.iw_samples
-    print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {test['iw_nll']:.2f} "
-          f"nats/image ({time.perf_counter() - start:.1f} s)")
+    test = {**common.final_test(history), "iw_samples": args.iw_samples,
+            "iw_nll": iw_evaluate(model, x_test, args.iw_samples, args.likelihood,
+                                  args.latent_dim, args.seed)}
+    iw_seconds = time.perf_counter() - start
     common.write_metrics(
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend="torch",
         config=vars(args), device=str(device),
         versions={"torch": torch.__version__,
                   "torchvision": importlib.metadata.version("torchvision")},
         history=history, test=test, first_step=first_step)
-    print(f"test: loss {test['loss']:.2f} = reconstruction {test['reconstruction_loss']:.2f} "
-          f"+ kl {test['kl_loss']:.2f} nats/image; artifacts in {args.out_dir}")
+    common.report(test, args.out_dir, iw_seconds)
 
 
 def main(argv=None):
-    prog = f"sample_{FRAMEWORK}.py"
-    args = common.parse_args(FRAMEWORK, argv)
-    try:
-        run(args, common.given_flags(FRAMEWORK, argv))
-    except common.UserError as error:
-        common.fail(prog, error)
-    except KeyboardInterrupt:
-        common.fail(prog, "stopped at once; the last checkpoint is intact; "
-                          + common.resume_hint(prog, args.out_dir), code=130)
-    except OSError as error:  # a full disk, say: atomic writes kept the previous files whole
-        common.fail(prog, f"cannot write {error.filename or args.out_dir}: {error.strerror}; "
-                          "the files already there are intact")
+    common.main(FRAMEWORK, run, argv)
 
 
 if __name__ == "__main__":

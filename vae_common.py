@@ -187,12 +187,36 @@ def resumed_args(args, given, saved_config, saved_epoch):
     return merged
 
 
-def check_fresh_start(out_dir, checkpoint_name, saved_epoch, saved_epochs):
-    """A fresh run must not overwrite an unfinished run's checkpoint: that is work to resume."""
-    if saved_epoch is not None and saved_epoch < saved_epochs:
-        raise UserError(f"{os.path.join(out_dir, checkpoint_name)} holds an unfinished run "
-                        f"({saved_epoch} of {saved_epochs} epochs); pass --resume to continue "
-                        "it, or delete the file (or pick another --out-dir) to start afresh")
+CHECKPOINTS = {"pytorch": "checkpoint.pt", "keras": "checkpoint.keras"}
+
+
+def require_checkpoint(path):
+    """Say plainly why there is nothing to resume at `path`, naming the other script when
+    its checkpoint is there instead."""
+    if os.path.exists(path):
+        return
+    folder = os.path.dirname(path)
+    for framework, name in CHECKPOINTS.items():
+        if os.path.exists(os.path.join(folder, name)):
+            raise UserError(f"{os.path.join(folder, name)} was written by sample_{framework}.py; "
+                            "resume it with that script, or pick another --out-dir")
+    raise UserError(f"no {path} to resume; run without --resume to start afresh")
+
+
+def plan_run(args, given, checkpoint_path, read_state):
+    """(arguments, saved training state or None) for this run. --resume continues the
+    checkpoint at checkpoint_path; a fresh run must not overwrite an unfinished run's
+    checkpoint, which is work to resume. read_state(path) returns the saved dict."""
+    if args.resume:
+        state = read_state(checkpoint_path)
+        return resumed_args(args, given, state["config"], state["epoch"]), state
+    if os.path.isfile(checkpoint_path):
+        saved = read_state(checkpoint_path)
+        if saved["epoch"] < saved["config"]["epochs"]:
+            raise UserError(f"{checkpoint_path} holds an unfinished run ({saved['epoch']} of "
+                            f"{saved['config']['epochs']} epochs); pass --resume to continue "
+                            "it, or delete the file (or pick another --out-dir) to start afresh")
+    return args, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,6 +627,14 @@ class FirstStep:
             self.at = time.time()
 
 
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch, step):
+        super().__init__(f"the loss became NaN or infinite in epoch {epoch} by step {step}")
+        self.epoch = epoch
+
+
 def resume_hint(prog, out_dir):
     return f"continue with: python3 {prog} --resume --out-dir {out_dir}"
 
@@ -611,3 +643,38 @@ def fail(prog, error, code=1):
     """End the program with one line on stderr: what is wrong and how to fix it."""
     print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def stop_training(framework, args, epoch, stop_signal=None, nonfinite=None):
+    """End a run whose epoch `epoch` did not finish, saying what the checkpoint still holds
+    and how to go on: after a stop request (exit 130) or a non-finite loss (exit 1)."""
+    prog = f"sample_{framework}.py"
+    kept = f"{os.path.join(args.out_dir, CHECKPOINTS[framework])} keeps epoch {epoch - 1}"
+    if nonfinite is not None:
+        fail(prog, f"{nonfinite}; {kept}: lower --lr (now {args.lr:g}) and "
+                   f"{resume_hint(prog, args.out_dir)}")
+    fail(prog, f"stopped by {stop_signal} in epoch {epoch}; {kept}; "
+               f"{resume_hint(prog, args.out_dir)}", code=130)
+
+
+def report(test, out_dir, iw_seconds):
+    print(f"importance-weighted bound, K={test['iw_samples']}: -log p(x) <= "
+          f"{test['iw_nll']:.2f} nats/image ({iw_seconds:.1f} s)")
+    print(f"test: loss {test['loss']:.2f} = reconstruction {test['reconstruction_loss']:.2f} "
+          f"+ kl {test['kl_loss']:.2f} nats/image; artifacts in {out_dir}")
+
+
+def main(framework, run, argv=None):
+    """Parse the flags and run; every expected failure ends as one line and an exit code."""
+    prog = f"sample_{framework}.py"
+    args = parse_args(framework, argv)
+    try:
+        run(args, given_flags(framework, argv))
+    except UserError as error:
+        fail(prog, error)
+    except KeyboardInterrupt:
+        fail(prog, "stopped at once; the last checkpoint is intact; "
+                   + resume_hint(prog, args.out_dir), code=130)
+    except OSError as error:  # a full disk, say: atomic writes kept the previous files whole
+        fail(prog, f"cannot write {error.filename or args.out_dir}: {error.strerror}; "
+                   "the files already there are intact")
