@@ -467,8 +467,9 @@ def run(args, given):
                 history.append(common.epoch_record(epoch, *result, units,
                                                    time.perf_counter() - start))
                 print(common.format_record(history[-1], args.epochs), flush=True)
-                if common.collapse_warning(history[-1]):
-                    print(common.collapse_warning(history[-1]), file=sys.stderr, flush=True)
+                warning = common.collapse_warning(history[-1])
+                if warning:
+                    print(warning, file=sys.stderr, flush=True)
                 save_checkpoint(checkpoint_path, model, args, history)
 
         save_artifacts(model, x_test, y_test, history, args)
