@@ -21,9 +21,12 @@ Run:
     python3 sample_pytorch.py                                  # MNIST, downloaded and cached
     python3 sample_pytorch.py --data-dir DIR                   # the four IDX files, offline
     python3 sample_pytorch.py --arch conv --latent-dim 16 --epochs 30
+    torchrun --nproc_per_node=4 sample_pytorch.py              # data-parallel, 4 processes
 Everything lands in --out-dir (default outputs/pytorch); --help lists every flag.
 """
 
+import atexit
+import contextlib
 import importlib.metadata
 import math
 import os
@@ -31,6 +34,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -179,22 +183,27 @@ def log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood="bernoull
 NONFINITE_CHECK_EVERY = 50  # steps between looks at the loss's finiteness (a GPU sync each)
 
 
-def train_epoch(model, optimizer, x_train, order, args, epoch, stop, first_step):
+def train_epoch(model, optimizer, x_train, order, args, epoch, stop, first_step, ranks):
     """One pass over x_train[order] in batches; per-image means of the two loss terms, or None
-    when a stop was requested (the weights are then mid-epoch and must not be saved)."""
+    when a stop was requested (the weights are then mid-epoch and must not be saved). Under
+    torchrun each process trains on its rows of every batch (see Ranks)."""
     model.train()
-    batch_size, likelihood = args.batch_size, args.likelihood
+    batch_size, likelihood, latent_dim = args.batch_size, args.likelihood, args.latent_dim
     kl_weight = common.kl_weight(args.beta, args.kl_warmup_epochs, epoch)
     order = torch.from_numpy(order).to(x_train.device)
     steps = -(-len(order) // batch_size)
     totals = torch.zeros(2, device=x_train.device)  # summed on the device: no sync per step
     first_nonfinite = torch.tensor(-1, device=x_train.device)
-    for step in tqdm(range(steps), desc=f"epoch {epoch}", leave=False, unit="batch"):
+    for step in tqdm(range(steps), desc=f"epoch {epoch}", leave=False, unit="batch",
+                     disable=not ranks.is_main):
         x = x_train[order[step * batch_size:(step + 1) * batch_size]]
         if args.binarize == "dynamic":  # fresh binary pixels each time an image is seen
             x = torch.bernoulli(x)
-        reconstruction_loss, kl_loss = negative_elbo(x, *model(x), likelihood)
-        loss = (reconstruction_loss + kl_weight * kl_loss).mean()
+        eps = torch.randn(len(x), latent_dim, device=x.device)
+        mine = ranks.rows(len(x))  # all of them on one device
+        reconstruction_loss, kl_loss = negative_elbo(x[mine], *model(x[mine], eps[mine]),
+                                                     likelihood)
+        loss = ranks.batch_mean(reconstruction_loss + kl_weight * kl_loss, len(x))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -203,23 +212,26 @@ def train_epoch(model, optimizer, x_train, order, args, epoch, stop, first_step)
         first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
                                       step, first_nonfinite)
         if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == steps:
-            if first_nonfinite >= 0:
+            if ranks.max(first_nonfinite) >= 0:
                 raise common.NonFiniteLoss(epoch, int(first_nonfinite) + 1)
-        if stop.signal:
+        if ranks.stopping(stop, step, steps):
             return None
-    return _means(totals, len(order))
+    return _means(ranks.sum(totals), len(order))
 
 
 @torch.no_grad()
-def evaluate(model, x_test, likelihood, batch_size=common.EVAL_BATCH_SIZE):
+def evaluate(model, x_test, likelihood, ranks, batch_size=common.EVAL_BATCH_SIZE):
     """-ELBO's terms on the test set, with a sampled z as the ELBO is defined."""
     model.eval()
     totals = torch.zeros(2, device=x_test.device)
     for start in range(0, len(x_test), batch_size):
         x = x_test[start:start + batch_size]
-        reconstruction_loss, kl_loss = negative_elbo(x, *model(x), likelihood)
+        eps = torch.randn(len(x), model.z_mean.out_features, device=x.device)
+        mine = ranks.rows(len(x))
+        reconstruction_loss, kl_loss = negative_elbo(x[mine], *model(x[mine], eps[mine]),
+                                                     likelihood)
         totals += torch.stack((reconstruction_loss.sum(), kl_loss.sum()))
-    return _means(totals, len(x_test))
+    return _means(ranks.sum(totals), len(x_test))
 
 
 @torch.no_grad()
@@ -247,18 +259,19 @@ def importance_weighted_nll(model, x, eps, likelihood):
     return -(torch.logsumexp(torch.cat(log_weights), 0) - math.log(len(eps)))
 
 
-def iw_evaluate(model, x_test, num_samples, likelihood, latent_dim, seed):
+def iw_evaluate(model, x_test, num_samples, likelihood, latent_dim, seed, ranks):
     """The importance-weighted bound averaged over the test set, with noise of its own seed
     (redrawing a checkpoint's figures gives the same number)."""
     generator = torch.Generator(x_test.device).manual_seed(seed)
     images = max(1, common.IW_ROWS // num_samples)  # per batch: the noise stays small too
-    total = 0.0
-    for start in range(0, len(x_test), images):
+    total = torch.zeros((), dtype=torch.float64, device=x_test.device)
+    for batch, start in enumerate(range(0, len(x_test), images)):
         x = x_test[start:start + images]
         eps = torch.randn((num_samples, len(x), latent_dim), generator=generator,
                           device=x.device)
-        total += importance_weighted_nll(model, x, eps, likelihood).sum().item()
-    return total / len(x_test)
+        if batch % ranks.world_size == ranks.rank:  # every batch on one device
+            total += importance_weighted_nll(model, x, eps, likelihood).sum()
+    return ranks.sum(total).item() / len(x_test)
 
 
 def _means(totals, count):
@@ -311,7 +324,7 @@ def save_checkpoint(path, model, optimizer, args, history):
     state = {"framework": FRAMEWORK, "config": vars(args), "epoch": len(history),
              "history": history, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     with common.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -338,18 +351,119 @@ def load_checkpoint(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data parallelism under torchrun (a run on one device only passes Ranks() around)
+# ----------------------------------------------------------------------------------------------
+
+class Ranks:
+    """This process's place among those torchrun started; Ranks(device) is a run on one device.
+
+    Every process holds the whole dataset and the same random state, and draws eps (and the
+    dynamic binary pixels) for the whole batch, then trains on its rows of it: N processes
+    compute, to float rounding, what one process does with the same --batch-size."""
+
+    def __init__(self, device, rank=0, world_size=1):
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.is_main = rank == 0  # the one process that prints and writes files
+
+    def rows(self, n):
+        """This process's share of a batch of n rows: a contiguous slice."""
+        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+    def batch_mean(self, losses, n):
+        """The mean over the whole batch of n: DistributedDataParallel averages the
+        processes' gradients, so each contributes its sum over n / world_size."""
+        return losses.sum() / (n / self.world_size)
+
+    def sum(self, tensor):
+        """The tensor summed over the processes."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def max(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def stopping(self, stop, step, steps):
+        """Whether to stop after this step. On one device: when a stop was requested. Under
+        torchrun all processes must stop at the same step, so they agree on it every
+        NONFINITE_CHECK_EVERY steps, stopping if any one was asked to."""
+        if self.world_size == 1:
+            return stop.signal is not None
+        if (step + 1) % NONFINITE_CHECK_EVERY and step + 1 != steps:
+            return False
+        return bool(self.max(torch.tensor(int(stop.signal is not None), device=self.device)))
+
+    def wrap(self, model):
+        """The model that trains: DistributedDataParallel keeps the processes' copies equal."""
+        if self.world_size == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model)
+
+    def describe(self):
+        if self.world_size == 1:
+            return str(self.device)
+        return f"{self.world_size} processes ({dist.get_backend()}), {self.device} in the first"
+
+
+def start_ranks(device_name):
+    """Ranks for this process. Without torchrun, one device as select_device picks it. Under
+    torchrun (WORLD_SIZE > 1) this joins the process group, NCCL between GPUs (one per
+    process) or gloo between CPU processes, and silences the standard output of all but the
+    first process."""
+    device = select_device(device_name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Ranks(device)
+    if device.type == "mps":
+        raise common.UserError("torchrun: PyTorch has no process-group backend for MPS; "
+                               "add --device cpu")
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise common.UserError(f"torchrun started more processes on this machine than its "
+                                   f"{torch.cuda.device_count()} GPUs; lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    ranks = Ranks(device, dist.get_rank(), world_size)
+    if not ranks.is_main:
+        sys.stdout = open(os.devnull, "w")
+    return ranks
+
+
+@contextlib.contextmanager
+def main_process_first(ranks):
+    """The first process runs the block alone (a download, say) before the others run it."""
+    if not ranks.is_main:
+        dist.barrier()
+    yield
+    if ranks.is_main and ranks.world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
 def run(args, given):
     checkpoint_path = os.path.join(args.out_dir, common.CHECKPOINTS[FRAMEWORK])
     args, state = common.plan_run(args, given, checkpoint_path, read_checkpoint)
-    device = select_device(args.device)
-    common.prepare_out_dir(args.out_dir)
+    if args.distribute and "WORLD_SIZE" not in os.environ:
+        raise common.UserError("--distribute: PyTorch trains data-parallel with one process "
+                               "per device; launch it as torchrun --nproc_per_node=N "
+                               "sample_pytorch.py ...")
+    ranks = start_ranks(args.device)
+    device = ranks.device
+    if ranks.is_main:
+        common.prepare_out_dir(args.out_dir)
     torch.manual_seed(args.seed)  # weights and the noise eps; the batch order has its own
-    print(f"PyTorch {torch.__version__} on {device}")
+    print(f"PyTorch {torch.__version__} on {ranks.describe()}")
 
-    x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
+    with main_process_first(ranks):  # one download, then the others read the cache
+        x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
     x_train, x_test = common.binarize_splits(x_train, x_test, args.binarize)
     # The whole dataset lives on the device from here on: no per-batch copies or workers.
     x_train, x_test = (torch.from_numpy(x).to(device) for x in (x_train, x_test))
@@ -367,25 +481,30 @@ def run(args, given):
         for group in optimizer.param_groups:  # --lr may change on resume, e.g. after a NaN
             group["lr"] = args.lr
         torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
         history = state["history"]
         print(f"resuming after epoch {len(history)} of {checkpoint_path}")
+    net = ranks.wrap(model)
 
     first_step = common.FirstStep()
-    with common.StopRequest() as stop:
+    with common.StopRequest(announce=ranks.is_main) as stop:
         for epoch in range(len(history) + 1, args.epochs + 1):
             start = time.perf_counter()
             order = common.epoch_order(args.seed, epoch, len(x_train), args.batch_size,
                                        args.steps_per_epoch)
             try:
-                train = train_epoch(model, optimizer, x_train, order, args, epoch, stop,
-                                    first_step)
+                train = train_epoch(net, optimizer, x_train, order, args, epoch, stop,
+                                    first_step, ranks)
             except common.NonFiniteLoss as error:
-                common.stop_training(FRAMEWORK, args, epoch, nonfinite=error)
+                common.stop_training(FRAMEWORK, args, epoch, nonfinite=error,
+                                     quiet=not ranks.is_main)
             if train is None:
-                common.stop_training(FRAMEWORK, args, epoch, stop_signal=stop.signal)
-            test = evaluate(model, x_test, args.likelihood)
+                common.stop_training(FRAMEWORK, args, epoch, quiet=not ranks.is_main,
+                                     stop_signal=stop.signal or "another process's signal")
+            test = evaluate(model, x_test, args.likelihood, ranks)
+            if not ranks.is_main:
+                continue  # the first process alone records, prints and saves
             units = common.active_units(posterior_means(model, x_test))
             history.append(common.epoch_record(epoch, train, test, units,
                                                time.perf_counter() - start))
@@ -395,15 +514,18 @@ def run(args, given):
                 print(warning, file=sys.stderr, flush=True)
             save_checkpoint(checkpoint_path, model, optimizer, args, history)
 
-    save_artifacts(model, x_test, y_test, history, args)
+    if ranks.is_main:
+        save_artifacts(model, x_test, y_test, history, args)
     start = time.perf_counter()
-    test = {**common.final_test(history), "iw_samples": args.iw_samples,
-            "iw_nll": iw_evaluate(model, x_test, args.iw_samples, args.likelihood,
-                                  args.latent_dim, args.seed)}
+    iw_nll = iw_evaluate(model, x_test, args.iw_samples, args.likelihood, args.latent_dim,
+                         args.seed, ranks)
     iw_seconds = time.perf_counter() - start
+    if not ranks.is_main:
+        return
+    test = {**common.final_test(history), "iw_samples": args.iw_samples, "iw_nll": iw_nll}
     common.write_metrics(
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend="torch",
-        config=vars(args), device=str(device),
+        config=vars(args), device=ranks.describe(),
         versions={"torch": torch.__version__,
                   "torchvision": importlib.metadata.version("torchvision")},
         history=history, test=test, first_step=first_step)

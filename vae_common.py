@@ -137,6 +137,10 @@ def build_parser(framework):
                         help="importance samples per test image for the log-likelihood bound "
                              "after training; 5000 is the published protocol "
                              "(default: %(default)s)")
+    parser.add_argument("--distribute", action="store_true",
+                        help="data-parallel training over all local devices: Keras on the "
+                             "tensorflow or jax backend; PyTorch instead runs under torchrun, "
+                             "one process per device (see README, Scaling out)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run whose checkpoint is in --out-dir; flags not given "
                              "are taken from it")
@@ -178,8 +182,10 @@ def resumed_args(args, given, saved_config, saved_epoch):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} differs from the "
                             f"checkpoint's {saved_config[flag]}; a resumed run keeps the model "
                             "and the data: drop the flag, or start afresh in another --out-dir")
+    # --distribute says how this process was launched, so it is never taken from the file.
     merged = argparse.Namespace(**{**saved_config, **{k: getattr(args, k) for k in given},
-                                   "out_dir": args.out_dir, "resume": True})
+                                   "out_dir": args.out_dir, "resume": True,
+                                   "distribute": args.distribute})
     if 0 < merged.epochs < saved_epoch:
         raise UserError(f"--epochs {merged.epochs}: the checkpoint already holds {saved_epoch} "
                         f"epochs; pass --epochs {saved_epoch} or more, or 0 to only redraw "
@@ -597,6 +603,9 @@ class StopRequest:
     stop after the current batch and keep its last checkpoint; a second one stops at once
     (KeyboardInterrupt), which atomic writes make safe too."""
 
+    def __init__(self, announce=True):
+        self.announce = announce  # False in all but one of several processes
+
     def __enter__(self):
         self.signal = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -612,8 +621,9 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: stopping after this batch (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        if self.announce:
+            print(f"\n{self.signal}: stopping after this batch (send it again to stop at once)",
+                  file=sys.stderr, flush=True)
 
 
 class FirstStep:
@@ -645,9 +655,12 @@ def fail(prog, error, code=1):
     raise SystemExit(code)
 
 
-def stop_training(framework, args, epoch, stop_signal=None, nonfinite=None):
+def stop_training(framework, args, epoch, stop_signal=None, nonfinite=None, quiet=False):
     """End a run whose epoch `epoch` did not finish, saying what the checkpoint still holds
-    and how to go on: after a stop request (exit 130) or a non-finite loss (exit 1)."""
+    and how to go on: after a stop request (exit 130) or a non-finite loss (exit 1). quiet:
+    exit without a word (one of several processes that stop together, all but one)."""
+    if quiet:
+        raise SystemExit(1 if nonfinite is not None else 130)
     prog = f"sample_{framework}.py"
     kept = f"{os.path.join(args.out_dir, CHECKPOINTS[framework])} keeps epoch {epoch - 1}"
     if nonfinite is not None:

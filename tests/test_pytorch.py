@@ -3,13 +3,19 @@ and gradients, reproducibility, the checkpoint, and the script run end to end.""
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import check_run_outputs, run_script, synthetic_digits
+from conftest import ROOT, check_run_outputs, run_script, synthetic_digits
 
 import sample_pytorch as sp
+
+ONE_CPU = sp.Ranks(torch.device("cpu"))  # a run on one device
 
 
 def test_kl_loss_matches_a_monte_carlo_estimate():
@@ -120,7 +126,7 @@ def test_iw_bound_at_k_1_has_the_elbos_expectation():
 
 def test_iw_bound_lies_below_the_loss_and_tightens_as_k_grows():
     model, x = small_trained_model()
-    bounds = [sp.iw_evaluate(model, x, k, "bernoulli", 2, seed=0) for k in (1, 10, 100, 1000)]
+    bounds = [sp.iw_evaluate(model, x, k, "bernoulli", 2, 0, ONE_CPU) for k in (1, 10, 100, 1000)]
     with torch.no_grad():
         reconstruction_loss, kl_loss = sp.negative_elbo(x, *model(x))
     loss = (reconstruction_loss + kl_loss).mean().item()
@@ -166,14 +172,14 @@ def test_a_training_epoch_lowers_the_loss():
     x = (torch.rand(64, 784) < 0.2).float()
     loss = lambda terms: terms["reconstruction_loss"] + terms["kl_loss"]
     args = sp.common.parse_args("pytorch", ["--batch-size", "16"])
-    before = sp.evaluate(model, x, "bernoulli", batch_size=10)
+    before = sp.evaluate(model, x, "bernoulli", ONE_CPU, batch_size=10)
     with sp.common.StopRequest() as stop:
         for epoch in range(1, 6):
             order = sp.common.epoch_order(0, epoch, len(x), 16)
             train = sp.train_epoch(model, optimizer, x, order, args, epoch, stop,
-                                   sp.common.FirstStep())
+                                   sp.common.FirstStep(), ONE_CPU)
     assert set(train) == {"reconstruction_loss", "kl_loss"}
-    assert loss(sp.evaluate(model, x, "bernoulli", batch_size=10)) < loss(before) - 50
+    assert loss(sp.evaluate(model, x, "bernoulli", ONE_CPU, batch_size=10)) < loss(before) - 50
 
 
 def test_the_same_seed_gives_the_same_losses(tmp_path, data_dir):
@@ -243,6 +249,74 @@ def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch, capsy
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and "could not download mnist" in message
     assert "--data-dir" in message and "ossci-datasets" in message
+
+
+# --- data parallelism under torchrun ------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_the_processes_rows_split_every_batch_exactly(world_size):
+    for n in (0, 1, 2, 7, 128):
+        shares = [sp.Ranks(torch.device("cpu"), rank, world_size) for rank in range(world_size)]
+        rows = [list(range(n))[share.rows(n)] for share in shares]
+        assert sum(rows, []) == list(range(n))
+        assert max(map(len, rows)) - min(map(len, rows)) <= 1
+        losses = torch.arange(float(n))
+        total = sum(share.batch_mean(losses[share.rows(n)], n) for share in shares)
+        if n:  # DDP averages the processes' gradients, i.e. divides this sum by world_size
+            assert total / world_size == pytest.approx(losses.mean().item())
+
+
+def torchrun(*args, nproc=2):
+    """The script under torchrun on this machine's CPU, as README's Scaling out shows."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "sample_pytorch.py", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def same_run(out_a, out_b):
+    """Both runs ended with the same weights, losses and bound, to float rounding."""
+    weights = [sp.read_checkpoint(str(out / "checkpoint.pt"))["model"] for out in (out_a, out_b)]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5)
+    metrics = [json.loads((out / "metrics.json").read_text()) for out in (out_a, out_b)]
+    assert metrics[1]["test"] == pytest.approx(metrics[0]["test"], rel=1e-5)
+    for a, b in zip(metrics[0]["history"], metrics[1]["history"]):
+        assert {k: v for k, v in b.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in a.items() if k != "seconds"}, rel=1e-5)
+
+
+@pytest.mark.subprocess
+def test_two_gloo_processes_train_as_one_process_does_and_resume(tmp_path, data_dir):
+    """Global batch 16 on two processes (8 rows each) against one process with batch 16, on
+    the same permutation and noise; then --resume of a one-process checkpoint under torchrun."""
+    flags = ["--data-dir", data_dir, "--batch-size", "16", "--steps-per-epoch", "5",
+             "--binarize", "dynamic", "--iw-samples", "3", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_script("sample_pytorch.py", *flags, "--epochs", "1", "--out-dir", one
+                      ).returncode == 0
+    result = torchrun(*flags, "--epochs", "1", "--out-dir", two)
+    assert result.returncode == 0, result.stderr
+    same_run(one, two)
+    # one process prints, and one set of files is written, with nothing left half-done
+    assert result.stdout.count("epoch 1/1") == 1 and "2 processes (gloo)" in result.stdout
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+    shutil.copytree(one, two, dirs_exist_ok=True)  # the one-process checkpoint, both places
+    assert run_script("sample_pytorch.py", "--resume", "--epochs", "2", "--out-dir", one
+                      ).returncode == 0
+    result = torchrun("--resume", "--epochs", "2", "--out-dir", two)
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch 1" in result.stdout
+    same_run(one, two)
+
+
+def test_distribute_without_torchrun_says_how_to_launch(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        sp.main(["--data-dir", data_dir, "--out-dir", str(tmp_path / "out"), "--distribute"])
+    assert "torchrun --nproc_per_node=N sample_pytorch.py" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --- checkpoints, resume, interruption and bad input: the scenarios both scripts share ---------
