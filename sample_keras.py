@@ -25,9 +25,11 @@ Run:
     python3 sample_keras.py                                    # MNIST, downloaded and cached
     python3 sample_keras.py --data-dir DIR                     # the four IDX files, offline
     KERAS_BACKEND=torch python3 sample_keras.py --arch conv --latent-dim 16 --epochs 30
+    python3 sample_keras.py --distribute                       # data-parallel, all local GPUs
 Everything lands in --out-dir (default outputs/keras); --help lists every flag.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -154,8 +156,12 @@ class Sampling(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, z_mean, z_log_var):
-        eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
-        return reparameterize(z_mean, z_log_var, eps)
+        # The noise of the whole batch, of which this replica takes its rows: all of it on
+        # one device (see replica_rows under --distribute).
+        rows = ops.shape(z_mean)[0]
+        start, batch = replica_rows(rows)
+        eps = keras.random.normal((batch, ops.shape(z_mean)[1]), seed=self.seed_generator)
+        return reparameterize(z_mean, z_log_var, eps[start:start + rows])
 
     # Keras does not save a SeedGenerator's state; without it a resumed run would draw again
     # the noise it has already used.
@@ -203,7 +209,9 @@ class VAE(keras.Model):
         self.reconstruction_loss_tracker.update_state(reconstruction_loss)
         self.kl_loss_tracker.update_state(kl_loss)
         kl_weight = self.kl_weight if training else 1.0
-        return ops.mean(reconstruction_loss + kl_weight * kl_loss)
+        # The mean over the whole batch: tf.distribute sums the replicas' gradients.
+        _, batch = replica_rows(ops.shape(x)[0])
+        return ops.sum(reconstruction_loss + kl_weight * kl_loss) / ops.cast(batch, "float32")
 
     def get_config(self):
         return {**super().get_config(), "arch": self.arch, "latent_dim": self.latent_dim,
@@ -260,15 +268,17 @@ def log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood="bernoull
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
 
-def compile_options():
+def compile_options(distribute=False):
     """How fit() runs the steps, measured here on the real split with a 2-core CPU:
     - steps_per_execution=8 runs 8 batches per compiled call, taking an epoch from 0.8 s to
       0.65 s (NaN checks and Ctrl-C then act within 8 batches); the torch backend takes 1 only.
     - XLA (jit_compile) does not pay for itself on TensorFlow: with 8 steps per call it saves
       nothing per epoch (mlp 0.66 s either way, conv 2.8 s with it and 2.3 s without) and
-      costs 2 to 4 s of compiling before the first step. JAX has no fast path without it."""
+      costs 2 to 4 s of compiling before the first step. JAX has no fast path without it.
+    - Under tf.distribute (--distribute) Keras 3.15 fails to run more than one step per call."""
     backend = keras.backend.backend()
-    return {"steps_per_execution": 1 if backend == "torch" else 8,
+    single = backend == "torch" or (distribute and backend == "tensorflow")
+    return {"steps_per_execution": 1 if single else 8,
             "jit_compile": backend == "jax"}
 
 
@@ -300,14 +310,15 @@ class Progbar(keras.callbacks.ProgbarLogger):
         self.epochs = self.run_epochs
 
 
-def train_epoch(model, x_epoch, x_test, batch_size, epoch, epochs, stop, first_step):
+def train_epoch(model, x_epoch, x_test, batch_size, epoch, epochs, stop, first_step,
+                validation_batch_size=common.EVAL_BATCH_SIZE):
     """One epoch of fit() over x_epoch, already in this epoch's order, then validation on the
     test split; per-image means of the two loss terms for both, or None when a stop was
     requested (the weights are then mid-epoch and must not be saved)."""
     watch = Watch(stop, first_step)
     logs = model.fit(x_epoch, batch_size=batch_size, epochs=epoch, initial_epoch=epoch - 1,
                      shuffle=False, validation_data=x_test,
-                     validation_batch_size=common.EVAL_BATCH_SIZE,
+                     validation_batch_size=validation_batch_size,
                      callbacks=[Progbar(epochs), watch]).history
     if watch.nonfinite_step:
         raise common.NonFiniteLoss(epoch, watch.nonfinite_step)
@@ -417,6 +428,73 @@ def load_checkpoint(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data parallelism (--distribute); a run on one device passes through this section unchanged
+# ----------------------------------------------------------------------------------------------
+
+def placement(distribute, device):
+    """(scope, devices): the scope the model is built, loaded and trained in, and the names of
+    the devices it trains on. One device: keras.device(device).
+    --distribute on TensorFlow: tf.distribute.MirroredStrategy, one replica per local GPU (or
+    per logical CPU device when there is none), each step's batch split between them. On JAX:
+    keras.distribution.DataParallel, which compiles each step for the whole batch and shards
+    it over the devices, so nothing else in this file needs to know."""
+    if not distribute:
+        return keras.device(device), [device]
+    kind = "cpu" if device == "cpu" else "gpu"
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        devices = [d.name for d in (tf.config.list_logical_devices(kind.upper())
+                                    or tf.config.list_logical_devices("CPU"))]
+        scope = tf.distribute.MirroredStrategy(devices).scope()
+    elif backend == "jax":
+        devices = keras.distribution.list_devices(kind)
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        scope = contextlib.nullcontext()
+    else:
+        raise common.UserError("--distribute: Keras's torch backend has no data-parallel fit(); "
+                               "use KERAS_BACKEND=tensorflow or jax, or sample_pytorch.py under "
+                               "torchrun")
+    return scope, devices
+
+
+def even_batches(devices, batch_size, epoch_images, test_images):
+    """The validation batch size for data-parallel training on `devices` devices, after
+    making sure that every batch splits evenly over them: JAX's sharding needs it of every
+    batch, and Keras 3.15 under tf.distribute of the first batch of each fit()."""
+    validation = common.EVAL_BATCH_SIZE // devices * devices
+    for what, images, fix in (
+            ("--batch-size", batch_size, f"pick a multiple of {devices}"),
+            ("the last batch of an epoch", epoch_images % batch_size,
+             "pick another --batch-size or set --steps-per-epoch"),
+            ("the last test batch", test_images % validation, "use another number of devices")):
+        if images % devices:
+            raise common.UserError(f"--distribute over {devices} devices: {what} has {images} "
+                                   f"images, which do not split evenly between them; {fix}")
+    return validation
+
+
+def replica_rows(rows):
+    """(first row, rows in the whole batch) for this replica's `rows` of a training or
+    validation batch: (0, rows) except inside a step that tf.distribute replicates, where
+    the replicas sum their row counts in order. Each replica then draws the noise for the
+    whole batch and takes its rows, so the replicas' noise is independent and together what
+    one device draws, and each divides its sum of losses by the whole batch's size."""
+    if keras.backend.backend() != "tensorflow":
+        return 0, rows
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 0, rows
+    counts = context.all_reduce("sum", tf.one_hot(context.replica_id_in_sync_group,
+                                                  context.num_replicas_in_sync, dtype=tf.int32)
+                                * tf.cast(rows, tf.int32))
+    return tf.reduce_sum(counts[:context.replica_id_in_sync_group]), tf.reduce_sum(counts)
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
@@ -424,24 +502,34 @@ def run(args, given):
     checkpoint_path = os.path.join(args.out_dir, common.CHECKPOINTS[FRAMEWORK])
     args, state = common.plan_run(args, given, checkpoint_path,
                                   lambda path: read_checkpoint(path)[1])
-    device = select_device(args.device)
+    scope, devices = placement(args.distribute, select_device(args.device))
+    where = f"{len(devices)} devices, data-parallel ({', '.join(devices)})" \
+        if args.distribute else devices[0]
     common.prepare_out_dir(args.out_dir)
     keras.utils.set_random_seed(args.seed)  # weights; the noise and batch order have their own
-    print(f"Keras {keras.__version__} on the {keras.backend.backend()} backend, on {device}")
+    print(f"Keras {keras.__version__} on the {keras.backend.backend()} backend, on {where}")
 
     x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
     x_train, x_test = common.binarize_splits(x_train, x_test, args.binarize)
     print(f"data: {len(x_train)} training and {len(x_test)} test images")
+    validation_batch_size = common.EVAL_BATCH_SIZE
+    if args.distribute:
+        epoch_images = min(len(x_train), common.steps_per_epoch(
+            len(x_train), args.batch_size, args.steps_per_epoch) * args.batch_size)
+        validation_batch_size = even_batches(len(devices), args.batch_size, epoch_images,
+                                             len(x_test))
 
-    with keras.device(device):
+    with scope:
         history = []
         if state is None:
             model = VAE(args.arch, args.latent_dim, seed=args.seed, likelihood=args.likelihood)
             # epsilon=1e-8 is PyTorch's default (Keras's is 1e-7): both optimizers are the same.
             model.compile(optimizer=keras.optimizers.Adam(args.lr, epsilon=1e-8),
-                          **compile_options())
+                          **compile_options(args.distribute))
         else:
             model, state = read_checkpoint(checkpoint_path)  # weights, optimizer, noise state
+            # this run's way of running the steps, with the saved optimizer and its state
+            model.compile(optimizer=model.optimizer, **compile_options(args.distribute))
             model.optimizer.learning_rate.assign(args.lr)  # --lr may change, e.g. after a NaN
             history = state["history"]
             print(f"resuming after epoch {len(history)} of {checkpoint_path}")
@@ -458,7 +546,7 @@ def run(args, given):
                 model.kl_weight.assign(common.kl_weight(args.beta, args.kl_warmup_epochs, epoch))
                 try:
                     result = train_epoch(model, x_epoch, x_test, args.batch_size, epoch,
-                                         args.epochs, stop, first_step)
+                                         args.epochs, stop, first_step, validation_batch_size)
                 except common.NonFiniteLoss as error:
                     common.stop_training(FRAMEWORK, args, epoch, nonfinite=error)
                 if result is None:
@@ -482,7 +570,7 @@ def run(args, given):
     backend = keras.backend.backend()
     common.write_metrics(
         os.path.join(args.out_dir, "metrics.json"), framework=FRAMEWORK, backend=backend,
-        config=vars(args), device=device,
+        config=vars(args), device=where,
         versions={"keras": keras.__version__, backend: __import__(backend).__version__},
         history=history, test=test, first_step=first_step)
     common.report(test, args.out_dir, iw_seconds)

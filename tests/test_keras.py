@@ -326,6 +326,65 @@ from scenarios import *  # noqa: E402,F401,F403  (the tests in scenarios.py, run
 from scenarios import Framework  # noqa: E402
 
 
+# --- data parallelism (--distribute) --------------------------------------------------------------
+
+TWO_CPU_DEVICES = """import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import sample_keras
+sample_keras.main(sys.argv[1:])
+"""
+
+
+def same_run(out_a, out_b):
+    """Both runs ended with the same weights, losses and bound, to float rounding."""
+    weights = [sk.load_checkpoint(str(out / "checkpoint.keras")).weights for out in (out_a, out_b)]
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(to_numpy(b), to_numpy(a), rtol=1e-4, atol=1e-5)
+    metrics = [json.loads((out / "metrics.json").read_text()) for out in (out_a, out_b)]
+    assert metrics[1]["test"] == pytest.approx(metrics[0]["test"], rel=1e-5)
+    for a, b in zip(metrics[0]["history"], metrics[1]["history"]):
+        assert {k: v for k, v in b.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in a.items() if k != "seconds"}, rel=1e-5)
+
+
+@pytest.mark.subprocess
+def test_mirrored_strategy_on_two_cpu_devices_trains_as_one_device_does(tmp_path, data_dir):
+    """--distribute with TensorFlow split into two logical CPU devices, against one device:
+    batch 16 and the last batch of 8 split in halves; then --resume of
+    a one-device checkpoint with --distribute."""
+    flags = ["--data-dir", data_dir, "--batch-size", "16", "--binarize", "dynamic",
+             "--iw-samples", "3", "--device", "cpu"]
+    two_devices = lambda *args: subprocess.run(
+        [sys.executable, "-c", TWO_CPU_DEVICES, *map(str, args), "--distribute"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = run_script("sample_keras.py", *flags, "--epochs", "1", "--out-dir", one,
+                        env={"KERAS_BACKEND": "tensorflow"})
+    assert result.returncode == 0, result.stderr
+    result = two_devices(*flags, "--epochs", "1", "--out-dir", two)
+    assert result.returncode == 0, result.stderr
+    assert "2 devices, data-parallel" in result.stdout
+    same_run(one, two)
+
+    for name in ("checkpoint.keras", "metrics.json"):  # the one-device checkpoint, both places
+        (two / name).write_bytes((one / name).read_bytes())
+    assert run_script("sample_keras.py", "--resume", "--epochs", "2", "--out-dir", one,
+                      env={"KERAS_BACKEND": "tensorflow"}).returncode == 0
+    result = two_devices("--resume", "--epochs", "2", "--out-dir", two)
+    assert result.returncode == 0, result.stderr
+    same_run(one, two)
+
+
+def test_replica_rows_outside_a_replicated_step_is_the_whole_batch():
+    assert sk.replica_rows(7) == (0, 7)
+    if keras.backend.backend() == "torch":  # Keras has no data-parallel fit() on torch
+        with pytest.raises(sk.common.UserError, match="torchrun"):
+            sk.placement(True, "cpu")
+
+
 @pytest.fixture
 def framework():
     return Framework("keras", sk, "checkpoint.keras", "checkpoint.pt",
