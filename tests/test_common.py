@@ -56,7 +56,7 @@ def test_write_idx_round_trips(tmp_path):
     (b"\x00\x00\x08\x03\x00", "truncated IDX header"),
     (b"", "bad magic number"),
     (gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 4) + bytes(4))[:-6], "cannot read"),
-])
+], ids=["short data", "short data 2", "zip file", "short header", "empty", "cut gzip"])
 def test_read_idx_rejects_broken_files_with_a_clear_error(tmp_path, content, message):
     path = tmp_path / "broken"
     path.write_bytes(content)

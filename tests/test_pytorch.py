@@ -293,8 +293,7 @@ def test_two_gloo_processes_train_as_one_process_does_and_resume(tmp_path, data_
     flags = ["--data-dir", data_dir, "--batch-size", "16", "--steps-per-epoch", "5",
              "--binarize", "dynamic", "--iw-samples", "3", "--device", "cpu"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_script("sample_pytorch.py", *flags, "--epochs", "1", "--out-dir", one
-                      ).returncode == 0
+    sp.main([*flags, "--epochs", "1", "--out-dir", str(one)])
     result = torchrun(*flags, "--epochs", "1", "--out-dir", two)
     assert result.returncode == 0, result.stderr
     same_run(one, two)
@@ -303,8 +302,7 @@ def test_two_gloo_processes_train_as_one_process_does_and_resume(tmp_path, data_
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
     shutil.copytree(one, two, dirs_exist_ok=True)  # the one-process checkpoint, both places
-    assert run_script("sample_pytorch.py", "--resume", "--epochs", "2", "--out-dir", one
-                      ).returncode == 0
+    sp.main(["--resume", "--epochs", "2", "--out-dir", str(one)])
     result = torchrun("--resume", "--epochs", "2", "--out-dir", two)
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch 1" in result.stdout
