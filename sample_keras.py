@@ -268,18 +268,26 @@ def log_importance_weights(x, logits, z, z_mean, z_log_var, likelihood="bernoull
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
 
-def compile_options(distribute=False):
-    """How fit() runs the steps, measured here on the real split with a 2-core CPU:
+XLA_MIN_STEPS = 2000  # training steps from which XLA pays for its compiling (see below)
+
+
+def compile_options(arch, steps, distribute=False):
+    """How fit() runs the `steps` training steps of this run, measured here with a 2-core CPU
+    on the real split (63 steps of 128 images per epoch):
     - steps_per_execution=8 runs 8 batches per compiled call, taking an epoch from 0.8 s to
       0.65 s (NaN checks and Ctrl-C then act within 8 batches); the torch backend takes 1 only.
-    - XLA (jit_compile) does not pay for itself on TensorFlow: with 8 steps per call it saves
-      nothing per epoch (mlp 0.66 s either way, conv 2.8 s with it and 2.3 s without) and
-      costs 2 to 4 s of compiling before the first step. JAX has no fast path without it.
-    - Under tf.distribute (--distribute) Keras 3.15 fails to run more than one step per call."""
+    - XLA (jit_compile) on TensorFlow: for mlp it takes an epoch from about 0.61 s to 0.50 s
+      (1.7 ms a step) after 2.5 to 3 s of compiling, so it is used from XLA_MIN_STEPS steps
+      on: a default run on MNIST (20 epochs of 469 steps) gains about 13 s, and a short run
+      would lose seconds. For conv it is slower (2.5 s an epoch against 2.1 s). JAX has no
+      fast path without it.
+    - Under tf.distribute (--distribute) Keras 3.15 fails to run more than one step per call,
+      and XLA stays off there (not measured)."""
     backend = keras.backend.backend()
     single = backend == "torch" or (distribute and backend == "tensorflow")
+    xla_pays = arch == "mlp" and steps >= XLA_MIN_STEPS and not distribute
     return {"steps_per_execution": 1 if single else 8,
-            "jit_compile": backend == "jax"}
+            "jit_compile": backend == "jax" or (backend == "tensorflow" and xla_pays)}
 
 
 class Watch(keras.callbacks.Callback):
@@ -536,17 +544,20 @@ def run(args, given):
         validation_batch_size = even_batches(len(devices), args.batch_size, epoch_images,
                                              len(x_test))
 
+    steps = common.steps_per_epoch(len(x_train), args.batch_size, args.steps_per_epoch) * (
+        args.epochs - (0 if state is None else state["epoch"]))
+    options = compile_options(args.arch, steps, args.distribute)
     with scope:
         history = []
         if state is None:
             model = VAE(args.arch, args.latent_dim, seed=args.seed, likelihood=args.likelihood)
             # epsilon=1e-8 is PyTorch's default (Keras's is 1e-7): both optimizers are the same.
             model.compile(optimizer=keras.optimizers.Adam(args.lr, epsilon=1e-8),
-                          **compile_options(args.distribute))
+                          **options)
         else:
             model, state = read_checkpoint(checkpoint_path)  # weights, optimizer, noise state
             # this run's way of running the steps, with the saved optimizer and its state
-            model.compile(optimizer=model.optimizer, **compile_options(args.distribute))
+            model.compile(optimizer=model.optimizer, **options)
             model.optimizer.learning_rate.assign(args.lr)  # --lr may change, e.g. after a NaN
             history = state["history"]
             print(f"resuming after epoch {len(history)} of {checkpoint_path}")

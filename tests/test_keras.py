@@ -376,6 +376,19 @@ def test_mirrored_strategy_on_two_cpu_devices_trains_as_one_device_does(tmp_path
     same_run(one, two)
 
 
+def test_xla_only_for_mlp_runs_long_enough_to_pay_for_it():
+    backend = keras.backend.backend()
+    long, short = sk.XLA_MIN_STEPS, sk.XLA_MIN_STEPS - 1
+    assert sk.compile_options("mlp", long)["jit_compile"] == (backend != "torch")
+    assert sk.compile_options("mlp", short)["jit_compile"] == (backend == "jax")
+    assert sk.compile_options("conv", long)["jit_compile"] == (backend == "jax")
+    distributed = sk.compile_options("mlp", long, distribute=True)
+    if backend == "tensorflow":
+        assert distributed == {"steps_per_execution": 1, "jit_compile": False}
+    assert sk.compile_options("mlp", short)["steps_per_execution"] == (
+        1 if backend == "torch" else 8)
+
+
 def test_replica_rows_outside_a_replicated_step_is_the_whole_batch():
     assert sk.replica_rows(7) == (0, 7)
     if keras.backend.backend() == "torch":  # Keras has no data-parallel fit() on torch
