@@ -528,8 +528,8 @@ def run(args, given):
     args, state = common.plan_run(args, given, checkpoint_path,
                                   lambda path: read_checkpoint(path)[1])
     scope, devices = placement(args.distribute, select_device(args.device))
-    where = f"{len(devices)} devices, data-parallel ({', '.join(devices)})" \
-        if args.distribute else devices[0]
+    where = (f"{len(devices)} device{'s' * (len(devices) > 1)}, data-parallel "
+             f"({', '.join(devices)})" if args.distribute else devices[0])
     common.prepare_out_dir(args.out_dir)
     keras.utils.set_random_seed(args.seed)  # weights; the noise and batch order have their own
     print(f"Keras {keras.__version__} on the {keras.backend.backend()} backend, on {where}")

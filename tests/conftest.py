@@ -58,6 +58,16 @@ def run_script(script, *args, env=None, timeout=300):
                           env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def same_metrics(out_a, out_b):
+    """Two runs' metrics.json agree to float rounding: every epoch's losses and the test
+    figures (not the seconds)."""
+    metrics = [json.loads((out / "metrics.json").read_text()) for out in (out_a, out_b)]
+    assert metrics[1]["test"] == pytest.approx(metrics[0]["test"], rel=1e-5)
+    for a, b in zip(metrics[0]["history"], metrics[1]["history"]):
+        assert {k: v for k, v in b.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in a.items() if k != "seconds"}, rel=1e-5)
+
+
 def check_run_outputs(out_dir, checkpoint, framework, epochs):
     """Every artifact exists and metrics.json has the contract's keys with finite values."""
     for name in ARTIFACTS + (checkpoint,):

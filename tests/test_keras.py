@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, check_run_outputs, run_script
+from conftest import ROOT, check_run_outputs, run_script, same_metrics
 
 import sample_keras as sk
 import sample_pytorch as sp
@@ -342,11 +342,7 @@ def same_run(out_a, out_b):
     weights = [sk.load_checkpoint(str(out / "checkpoint.keras")).weights for out in (out_a, out_b)]
     for a, b in zip(*weights):
         np.testing.assert_allclose(to_numpy(b), to_numpy(a), rtol=1e-4, atol=1e-5)
-    metrics = [json.loads((out / "metrics.json").read_text()) for out in (out_a, out_b)]
-    assert metrics[1]["test"] == pytest.approx(metrics[0]["test"], rel=1e-5)
-    for a, b in zip(metrics[0]["history"], metrics[1]["history"]):
-        assert {k: v for k, v in b.items() if k != "seconds"} == pytest.approx(
-            {k: v for k, v in a.items() if k != "seconds"}, rel=1e-5)
+    same_metrics(out_a, out_b)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute")

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, check_run_outputs, run_script, synthetic_digits
+from conftest import ROOT, check_run_outputs, run_script, same_metrics, synthetic_digits
 
 import sample_pytorch as sp
 
@@ -279,11 +279,7 @@ def same_run(out_a, out_b):
     weights = [sp.read_checkpoint(str(out / "checkpoint.pt"))["model"] for out in (out_a, out_b)]
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5)
-    metrics = [json.loads((out / "metrics.json").read_text()) for out in (out_a, out_b)]
-    assert metrics[1]["test"] == pytest.approx(metrics[0]["test"], rel=1e-5)
-    for a, b in zip(metrics[0]["history"], metrics[1]["history"]):
-        assert {k: v for k, v in b.items() if k != "seconds"} == pytest.approx(
-            {k: v for k, v in a.items() if k != "seconds"}, rel=1e-5)
+    same_metrics(out_a, out_b)
 
 
 @pytest.mark.subprocess
