@@ -379,7 +379,7 @@ def iw_evaluate(model, x_test, num_samples, likelihood, latent_dim, seed):
     """The importance-weighted bound averaged over the test set, with noise of its own seed
     (redrawing a checkpoint's figures gives the same number)."""
     seed_generator = keras.random.SeedGenerator(seed)
-    images = max(1, common.IW_ROWS // num_samples)  # per batch: the noise stays small too
+    images = common.iw_images_per_batch(num_samples)  # the noise stays small too
     total = 0.0
     for start in range(0, len(x_test), images):
         x = ops.convert_to_tensor(x_test[start:start + images])

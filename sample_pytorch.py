@@ -263,7 +263,7 @@ def iw_evaluate(model, x_test, num_samples, likelihood, latent_dim, seed, ranks)
     """The importance-weighted bound averaged over the test set, with noise of its own seed
     (redrawing a checkpoint's figures gives the same number)."""
     generator = torch.Generator(x_test.device).manual_seed(seed)
-    images = max(1, common.IW_ROWS // num_samples)  # per batch: the noise stays small too
+    images = common.iw_images_per_batch(num_samples)  # the noise stays small too
     total = torch.zeros((), dtype=torch.float64, device=x_test.device)
     for batch, start in enumerate(range(0, len(x_test), images)):
         x = x_test[start:start + images]

@@ -49,6 +49,13 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 DEFAULT_IW_SAMPLES = 100
 IW_ROWS = 1000  # decoder rows per call while estimating it: bounds the memory (conv too)
 
+
+def iw_images_per_batch(num_samples):
+    """Test images per batch of the importance-weighted estimate: at most IW_ROWS rows
+    through the decoder, and no more images through the encoder than evaluation uses (with
+    K = 1, 1000 images at once raised a conv run's peak memory by 120 MB)."""
+    return max(1, min(EVAL_BATCH_SIZE, IW_ROWS // num_samples))
+
 # Fixed seeds, independent of --seed, so every run binarizes the same way.
 STATIC_BINARIZATION_SEED, TEST_BINARIZATION_SEED = 1234, 5678
 
