@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist): even on 2 cores the framework imports and the scripts' start-ups
+# overlap, which takes the suite from about 4.5 to about 3.7 minutes here.
+.venv/bin/python -m pytest -n 2 "$@"
