@@ -554,6 +554,10 @@ def run(args, given):
             # epsilon=1e-8 is PyTorch's default (Keras's is 1e-7): both optimizers are the same.
             model.compile(optimizer=keras.optimizers.Adam(args.lr, epsilon=1e-8),
                           **options)
+            # The weights and the optimizer's state, made now rather than inside fit()'s first
+            # compiled step, which TensorFlow would then trace twice (1.2 s of the first step).
+            model(keras.Input((common.IMAGE_PIXELS,)))
+            model.optimizer.build(model.trainable_variables)
         else:
             model, state = read_checkpoint(checkpoint_path)  # weights, optimizer, noise state
             # this run's way of running the steps, with the saved optimizer and its state
