@@ -11,8 +11,10 @@ For each framework and architecture it runs the script as a user would (a fresh 
     test loss    final -ELBO on the test split, nats per image
 As a reference line it trains the same PyTorch model the way the well-known PyTorch example
 feeds it: a torchvision dataset with a per-sample ToTensor transform through a DataLoader.
-Ratios are computed within this run, so they hold on a noisy machine; with --repeats N every
-figure is the median of N runs.
+With --repeats N the runs go in N rounds of every configuration once, and every figure is
+the median of N runs. A ratio (PyTorch against the reference, Keras against PyTorch) is taken
+within each round, from runs made minutes apart, and its median over the rounds is reported:
+on a noisy machine that holds better than a ratio of medians.
 
     .venv/bin/python benchmarks/benchmark.py                         # the real split, 6 epochs
     .venv/bin/python benchmarks/benchmark.py --repeats 3 --json results.json
@@ -161,34 +163,57 @@ def main(argv=None):
         sys.exit("benchmark: --epochs must be at least 2 (the first epoch is not timed)")
 
     results = {"data_dir": str(args.data_dir), "epochs": args.epochs, "repeats": args.repeats,
-               "device": args.device, "cpus": os.cpu_count(), "runs": {}, "import_rss_mb": {}}
+               "device": args.device, "cpus": os.cpu_count(), "runs": {}, "import_rss_mb": {},
+               "rounds": []}
     with tempfile.TemporaryDirectory() as scratch:
         for framework in args.frameworks:
             results["import_rss_mb"][framework] = statistics.median(
                 peak_rss_mb([sys.executable, "-c", IMPORTS[framework]])[0]
                 for _ in range(args.repeats))
-            for arch in args.archs:
-                runs = []
-                for repeat in range(args.repeats):
-                    out_dir = Path(scratch, f"{framework}-{arch}-{repeat}")
-                    runs.append(measure_script(framework, arch, args, out_dir))
-                    print(f"  {framework} {arch} run {repeat + 1}: "
-                          f"{runs[-1]['seconds_per_epoch']:.3f} s/epoch", file=sys.stderr)
-                results["runs"][f"{framework}/{arch}"] = median_of(runs)
-        if "pytorch" in args.frameworks:
-            for arch in args.archs:
-                times = []
-                for _ in range(args.repeats):
-                    stdout = run_process([sys.executable, __file__, "--reference",
-                                                "--data-dir", str(args.data_dir), "--epochs",
-                                                str(args.epochs), "--arch", arch,
-                                                "--device", args.device])
-                    times.append(json.loads(stdout)["seconds_per_epoch"])
-                results["runs"][f"dataloader-reference/{arch}"] = {
-                    "seconds_per_epoch": statistics.median(times)}
+        # Round by round, each configuration once, the ones to compare next to each other:
+        # a slow spell of a noisy machine then slows a whole round rather than one line.
+        for repeat in range(args.repeats):
+            results["rounds"].append(measure_round(args, Path(scratch, str(repeat))))
+            for name, run in results["rounds"][-1].items():
+                print(f"  round {repeat + 1}: {name} {run['seconds_per_epoch']:.3f} s/epoch",
+                      file=sys.stderr)
+    results["runs"] = {name: median_of([runs[name] for runs in results["rounds"]])
+                       for name in results["rounds"][0]}
+    results["ratios"] = ratios(results["rounds"])
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def measure_round(args, scratch):
+    """Every configuration once: {name: figures}."""
+    runs = {}
+    for arch in args.archs:
+        for framework in args.frameworks:
+            runs[f"{framework}/{arch}"] = measure_script(framework, arch, args,
+                                                         scratch / f"{framework}-{arch}")
+        if "pytorch" in args.frameworks:
+            stdout = run_process([sys.executable, __file__, "--reference", "--data-dir",
+                                  str(args.data_dir), "--epochs", str(args.epochs), "--arch",
+                                  arch, "--device", args.device])
+            runs[f"dataloader-reference/{arch}"] = json.loads(stdout)
+    return runs
+
+
+def ratios(rounds):
+    """{(what, arch): [ratio of seconds per epoch in each round]}, each taken within a round:
+    the reference over PyTorch (how much faster PyTorch is), Keras over PyTorch."""
+    pairs = {"pytorch_speedup": ("dataloader-reference", "pytorch"),
+             "keras_over_pytorch": ("keras", "pytorch")}
+    found = {}
+    for what, (top, bottom) in pairs.items():
+        for arch in ("mlp", "conv"):
+            names = f"{top}/{arch}", f"{bottom}/{arch}"
+            if all(name in rounds[0] for name in names):
+                found[f"{what}/{arch}"] = [runs[names[0]]["seconds_per_epoch"]
+                                           / runs[names[1]]["seconds_per_epoch"]
+                                           for runs in rounds]
+    return found
 
 
 def print_table(results):
@@ -211,16 +236,17 @@ def print_table(results):
     print()
     for framework, rss in imports.items():
         print(f"importing {framework} alone: {rss:.0f} MB peak RSS")
-    for arch in ("mlp", "conv"):
-        ours, ref = runs.get(f"pytorch/{arch}"), runs.get(f"dataloader-reference/{arch}")
-        if ours and ref:
-            print(f"{arch}: sample_pytorch.py is {ref['seconds_per_epoch'] / ours['seconds_per_epoch']:.2f}"
-                  f"x faster per epoch than the DataLoader reference")
-        keras = runs.get(f"keras/{arch}")
-        if ours and keras:
-            print(f"{arch}: sample_keras.py takes {keras['seconds_per_epoch'] / ours['seconds_per_epoch']:.2f}"
-                  f"x the seconds per epoch of sample_pytorch.py")
-
+    spread = lambda values: (f" (median of {len(values)} rounds: {min(values):.2f}x to "
+                             f"{max(values):.2f}x)" if len(values) > 1 else "")
+    for name, values in results["ratios"].items():
+        what, arch = name.split("/")
+        ratio = statistics.median(values)
+        if what == "pytorch_speedup":
+            print(f"{arch}: sample_pytorch.py is {ratio:.2f}x faster per epoch than the "
+                  f"DataLoader reference{spread(values)}")
+        else:
+            print(f"{arch}: sample_keras.py takes {ratio:.2f}x the seconds per epoch of "
+                  f"sample_pytorch.py{spread(values)}")
 
 if __name__ == "__main__":
     main()
