@@ -1,31 +1,33 @@
-"""How fast the two VAE scripts train, measured in one run on one data folder.
+"""How fast and how lean the two VAE scripts train, measured from outside, on one data folder.
 
-For each framework and architecture it runs the script as a user would (a fresh process,
---latent-dim 20, batch 128, on the CPU unless told otherwise) and reads back:
+Each script runs as a user runs it (a fresh process, --latent-dim 20, batch 128, the CPU unless
+told otherwise), and the benchmark reads back the process's own accounting and metrics.json:
     s/epoch      median seconds per epoch after the first (the first one compiles and warms up)
-    worst/median the slowest epoch after the first, over that median: stalls between epochs
-    first step   seconds from launching the process to the end of its first training step
-    wall         seconds from launch to exit (data, training, pictures, IW bound, all of it)
-    peak RSS     peak resident memory of the process, and that minus what importing the
-                 framework alone costs (measured here too, in its own process)
-    test loss    final -ELBO on the test split, nats per image
-As a reference line it trains the same PyTorch model the way the well-known PyTorch example
-feeds it: a torchvision dataset with a per-sample ToTensor transform through a DataLoader.
-With --repeats N the runs go in N rounds of every configuration once, and every figure is
-the median of N runs. A ratio (PyTorch against the reference, Keras against PyTorch) is taken
-within each round, from runs made minutes apart, and its median over the rounds is reported:
-on a noisy machine that holds better than a ratio of medians.
+    worst/median the slowest of those epochs over the median: stalls between epochs
+    start-up     launch to the start of training (imports, data, model), timing in metrics.json
+    warm-up      the first epoch's seconds over the median: the one-off costs of the first steps
+    first step   start-up + warm-up + one median step: when the first training step ends
+    wall         launch to exit (data, training, figures, the bound, all of it)
+    peak RSS     the process's peak resident memory, and that minus what importing the
+                 framework alone costs (measured here too)
+    test loss    final -ELBO on the test set, nats per image
+Next to them it trains the same PyTorch model fed as the well-known PyTorch example feeds it:
+torchvision's MNIST with a per-sample ToTensor transform through a DataLoader. The runs go in
+rounds of every configuration once; each figure is the median over the rounds, and a ratio
+(the reference over PyTorch, Keras over PyTorch) is taken within each round, from runs made
+minutes apart, its median reported: on a noisy machine that holds better than a ratio of
+medians. Last, the importance-weighted bound on its own: seconds for K samples on every test
+image, and the decoder's arithmetic per second against what this CPU's matrix product reaches.
 
-    .venv/bin/python benchmarks/benchmark.py                         # the real split, 6 epochs
+    .venv/bin/python benchmarks/benchmark.py                      # full MNIST from data/mnist
+    .venv/bin/python benchmarks/benchmark.py --subset 8000 2000   # a small data set's epochs
     .venv/bin/python benchmarks/benchmark.py --repeats 3 --json results.json
-    .venv/bin/python benchmarks/benchmark.py --data-dir DIR --frameworks pytorch --device gpu
 """
 
 import argparse
 import gzip
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,21 +36,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist-10k-split"
 IMPORTS = {"pytorch": "import torch", "keras": "import keras"}
+LATENT_DIM = 20
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def run_process(argv):
-    """Run a command to its end; its stdout."""
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"benchmark: {' '.join(map(str, argv))} failed:\n{result.stderr[-2000:]}")
-    return result.stdout
-
-
-def peak_rss_mb(argv):
+def measure(argv):
     """(peak resident memory in MB, seconds from launch to exit, launch time) of a command,
-    from the kernel's accounting of that one child (Linux reports KB)."""
+    from the kernel's accounting of that one child."""
     started = time.time()
     pid = os.fork()
     if pid == 0:  # the child becomes the command, so its rusage is the command's alone
@@ -63,20 +59,54 @@ def peak_rss_mb(argv):
     return usage.ru_maxrss / 1024, time.time() - started, started
 
 
+def script_run(framework, arch, args, out_dir, *more):
+    argv = [sys.executable, str(ROOT / f"sample_{framework}.py"), "--data-dir", str(args.data),
+            "--out-dir", str(out_dir), "--arch", arch, "--latent-dim", str(LATENT_DIM),
+            "--batch-size", "128", "--device", args.device, *map(str, more)]
+    rss, wall, started = measure(argv)
+    return rss, wall, started, json.loads((out_dir / "metrics.json").read_text())
+
+
 def measure_script(framework, arch, args, out_dir):
-    """One run of sample_<framework>.py; a dict of the figures above."""
-    argv = [sys.executable, str(ROOT / f"sample_{framework}.py"), "--data-dir", str(args.data_dir),
-            "--out-dir", str(out_dir), "--epochs", str(args.epochs), "--arch", arch,
-            "--latent-dim", "20", "--batch-size", "128", "--device", args.device,
-            "--iw-samples", "1"]
-    rss, wall, started = peak_rss_mb(argv)
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    """One training run of sample_<framework>.py: a dict of the figures above."""
+    rss, wall, started, metrics = script_run(framework, arch, args, out_dir, "--epochs",
+                                             args.epochs, "--iw-samples", 1)
     seconds = [record["seconds"] for record in metrics["history"]]
     median = statistics.median(seconds[1:])
+    start_up = metrics["timing"]["training_started_at"] - started
+    steps = metrics["config"]["steps_per_epoch"] or -(-args.train_images // 128)
     return {"seconds_per_epoch": median, "worst_over_median": max(seconds[1:]) / median,
-            "first_step": metrics["timing"]["first_step_at"] - started, "wall": wall,
+            "start_up": start_up, "warm_up": seconds[0] - median,
+            "first_step": start_up + seconds[0] - median + median / steps, "wall": wall,
             "peak_rss_mb": rss, "test_loss": metrics["test"]["loss"],
             "backend": metrics["backend"], "device": metrics["device"]}
+
+
+def measure_bound(framework, arch, args, out_dir):
+    """Seconds of the importance-weighted bound with --iw-samples K after one training step,
+    and the decoder's GFLOP/s in it (2 flops a multiply-add, the decoder's layers only)."""
+    *_, metrics = script_run(framework, arch, args, out_dir, "--epochs", 1, "--steps-per-epoch",
+                             1, "--iw-samples", args.iw_samples)
+    seconds = metrics["timing"]["iw_seconds"]
+    return {"seconds": seconds, "gflops": 2 * decoder_macs(arch) * args.iw_samples
+            * args.test_images / seconds / 1e9}
+
+
+def decoder_macs(arch):
+    """Multiply-adds of one decoder pass, layer by layer (see build_decoder)."""
+    if arch == "mlp":
+        return LATENT_DIM * 256 + 256 * 512 + 512 * 784
+    # dense, dense, then each transposed convolution: input pixels x in x out channels x 4 x 4
+    return LATENT_DIM * 256 + 256 * 3136 + 7 * 7 * 64 * 32 * 16 + 14 * 14 * 32 * 1 * 16
+
+
+def matmul_gflops():
+    """What this CPU reaches in float32: the best of several 2048 x 2048 matrix products."""
+    code = ("import time, torch; a = torch.randn(2048, 2048); a @ a; best = min("
+            "(lambda t: (a @ a, time.perf_counter() - t)[1])(time.perf_counter()) "
+            "for _ in range(10)); print(2 * 2048 ** 3 / best / 1e9)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,10 +128,8 @@ def reference(data_dir, epochs, arch, device):
     root = tempfile.mkdtemp()
     raw = Path(root, "MNIST", "raw")  # where torchvision.datasets.MNIST looks for the files
     raw.mkdir(parents=True)
-    for name in sum(sp.common.IDX_FILES.values(), ()):
-        source = next(p for p in (Path(data_dir, name), Path(data_dir, name + ".gz")) if p.exists())
-        with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as f:
-            (raw / name).write_bytes(f.read())
+    for name in IDX_FILES:
+        (raw / name).write_bytes(b"".join(read_idx(data_dir, name)))
     loader, test_loader = (
         torch.utils.data.DataLoader(torchvision.datasets.MNIST(root, train=train,
                                                                transform=transforms.ToTensor()),
@@ -109,7 +137,7 @@ def reference(data_dir, epochs, arch, device):
         for train in (True, False))
     device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = sp.VAE(arch, 20).to(device)
+    model = sp.VAE(arch, LATENT_DIM).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     seconds = []
     for _ in range(epochs):
@@ -127,8 +155,29 @@ def reference(data_dir, epochs, arch, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    shutil.rmtree(root)
     print(json.dumps({"seconds_per_epoch": statistics.median(seconds[1:])}))
+
+
+def read_idx(folder, name):
+    """(header, data bytes) of an IDX file, gzipped or not. The benchmark reads them itself:
+    importing a script here would bring its framework into this process, and the memory of
+    every process it starts would count it."""
+    path = next(p for p in (Path(folder, name), Path(folder, name + ".gz")) if p.exists())
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    header = 4 + 4 * data[3]
+    return data[:header], data[header:]
+
+
+def subset(data_dir, n_train, n_test, folder):
+    """The first n_train training and n_test test images and labels of data_dir, as a folder
+    of the four IDX files: a small data set of real digits."""
+    for name, n in zip(IDX_FILES, (n_train, n_train, n_test, n_test)):
+        header, data = read_idx(data_dir, name)
+        item = 784 if "images" in name else 1
+        Path(folder, name).write_bytes(header[:4] + n.to_bytes(4, "big") + header[8:]
+                                       + data[:n * item])
+    return Path(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,51 +189,6 @@ def median_of(runs):
             else runs[0][key] for key in runs[0]}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
-                        help="a folder of the four MNIST IDX files (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs per run (default: 6)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; "
-                        "figures are medians (default: 1)")
-    parser.add_argument("--frameworks", nargs="+", default=["pytorch", "keras"],
-                        choices=["pytorch", "keras"])
-    parser.add_argument("--archs", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--arch", default="mlp", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.reference:  # the child process that times the DataLoader pattern
-        return reference(args.data_dir, args.epochs, args.arch, args.device)
-    if not args.data_dir.is_dir():
-        sys.exit(f"benchmark: --data-dir {args.data_dir}: no such folder")
-    if args.epochs < 2:
-        sys.exit("benchmark: --epochs must be at least 2 (the first epoch is not timed)")
-
-    results = {"data_dir": str(args.data_dir), "epochs": args.epochs, "repeats": args.repeats,
-               "device": args.device, "cpus": os.cpu_count(), "runs": {}, "import_rss_mb": {},
-               "rounds": []}
-    with tempfile.TemporaryDirectory() as scratch:
-        for framework in args.frameworks:
-            results["import_rss_mb"][framework] = statistics.median(
-                peak_rss_mb([sys.executable, "-c", IMPORTS[framework]])[0]
-                for _ in range(args.repeats))
-        # Round by round, each configuration once, the ones to compare next to each other:
-        # a slow spell of a noisy machine then slows a whole round rather than one line.
-        for repeat in range(args.repeats):
-            results["rounds"].append(measure_round(args, Path(scratch, str(repeat))))
-            for name, run in results["rounds"][-1].items():
-                print(f"  round {repeat + 1}: {name} {run['seconds_per_epoch']:.3f} s/epoch",
-                      file=sys.stderr)
-    results["runs"] = {name: median_of([runs[name] for runs in results["rounds"]])
-                       for name in results["rounds"][0]}
-    results["ratios"] = ratios(results["rounds"])
-    print_table(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-
-
 def measure_round(args, scratch):
     """Every configuration once: {name: figures}."""
     runs = {}
@@ -193,16 +197,16 @@ def measure_round(args, scratch):
             runs[f"{framework}/{arch}"] = measure_script(framework, arch, args,
                                                          scratch / f"{framework}-{arch}")
         if "pytorch" in args.frameworks:
-            stdout = run_process([sys.executable, __file__, "--reference", "--data-dir",
-                                  str(args.data_dir), "--epochs", str(args.epochs), "--arch",
-                                  arch, "--device", args.device])
-            runs[f"dataloader-reference/{arch}"] = json.loads(stdout)
+            result = subprocess.run([sys.executable, __file__, "--reference", "--data-dir",
+                                     str(args.data), "--epochs", str(args.epochs), "--arch",
+                                     arch, "--device", args.device], cwd=ROOT,
+                                    capture_output=True, text=True, check=True)
+            runs[f"dataloader-reference/{arch}"] = json.loads(result.stdout)
     return runs
 
 
 def ratios(rounds):
-    """{(what, arch): [ratio of seconds per epoch in each round]}, each taken within a round:
-    the reference over PyTorch (how much faster PyTorch is), Keras over PyTorch."""
+    """{what/arch: [ratio of seconds per epoch in each round]}, each taken within a round."""
     pairs = {"pytorch_speedup": ("dataloader-reference", "pytorch"),
              "keras_over_pytorch": ("keras", "pytorch")}
     found = {}
@@ -218,12 +222,13 @@ def ratios(rounds):
 
 def print_table(results):
     runs, imports = results["runs"], results["import_rss_mb"]
-    print(f"\n{results['epochs']} epochs per run, median of {results['repeats']} run(s); "
-          f"data: {results['data_dir']}; device: {results['device']}; {results['cpus']} CPUs\n")
-    header = (f"{'run':28} {'s/epoch':>8} {'worst/med':>9} {'1st step':>9} {'wall':>7} "
-              f"{'peak RSS':>9} {'over import':>11} {'test loss':>9}")
-    print(header)
-    print("-" * len(header))
+    print(f"\n{results['epochs']} epochs per run, median of {results['repeats']} round(s); "
+          f"data: {results['data']} ({results['train_images']} training, "
+          f"{results['test_images']} test images); device: {results['device']}; "
+          f"{results['cpus']} CPUs\n")
+    header = (f"{'run':28} {'s/epoch':>8} {'worst/med':>9} {'start-up':>8} {'warm-up':>8} "
+              f"{'1st step':>8} {'wall':>7} {'peak RSS':>9} {'over import':>11} {'test loss':>9}")
+    print(header + "\n" + "-" * len(header))
     for name, run in runs.items():
         if "wall" not in run:
             print(f"{name:28} {run['seconds_per_epoch']:8.3f}")
@@ -231,7 +236,8 @@ def print_table(results):
         framework = name.split("/")[0]
         label = f"{name} ({run['backend']})" if framework == "keras" else name
         print(f"{label:28} {run['seconds_per_epoch']:8.3f} {run['worst_over_median']:9.2f} "
-              f"{run['first_step']:8.2f}s {run['wall']:6.1f}s {run['peak_rss_mb']:7.0f}MB "
+              f"{run['start_up']:7.2f}s {run['warm_up']:7.2f}s {run['first_step']:7.2f}s "
+              f"{run['wall']:6.1f}s {run['peak_rss_mb']:7.0f}MB "
               f"{run['peak_rss_mb'] - imports[framework]:9.0f}MB {run['test_loss']:9.2f}")
     print()
     for framework, rss in imports.items():
@@ -247,6 +253,72 @@ def print_table(results):
         else:
             print(f"{arch}: sample_keras.py takes {ratio:.2f}x the seconds per epoch of "
                   f"sample_pytorch.py{spread(values)}")
+    if results["bound"]:
+        print(f"\nimportance-weighted bound, K={results['iw_samples']} on each of "
+              f"{results['test_images']} test images; this CPU's float32 matrix product: "
+              f"{results['matmul_gflops']:.0f} GFLOP/s")
+    for name, bound in results["bound"].items():
+        print(f"  {name:12} {bound['seconds']:7.1f} s  decoder {bound['gflops']:6.1f} GFLOP/s "
+              f"({bound['gflops'] / results['matmul_gflops']:.0%} of the matrix product's)")
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "mnist",
+                        help="a folder of the four MNIST IDX files (default: %(default)s)")
+    parser.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "TEST"),
+                        help="use only the first TRAIN training and TEST test images")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per run (default: 6)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds (default: 1)")
+    parser.add_argument("--frameworks", nargs="+", default=["pytorch", "keras"],
+                        choices=["pytorch", "keras"])
+    parser.add_argument("--archs", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
+    parser.add_argument("--iw-samples", type=int, default=100,
+                        help="K of the bound's own measurement, 0 to skip it (default: 100)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--arch", default="mlp", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir}: no such folder")
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is not timed)")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.reference:  # the child process that times the DataLoader pattern
+        return reference(args.data_dir, args.epochs, args.arch, args.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        args.data = subset(args.data_dir, *args.subset, scratch) if args.subset else args.data_dir
+        args.train_images, args.test_images = (int.from_bytes(read_idx(args.data, name)[0][4:8],
+                                                              "big") for name in IDX_FILES[::2])
+        results = {"data": str(args.data_dir), "train_images": args.train_images,
+                   "test_images": args.test_images, "epochs": args.epochs,
+                   "repeats": args.repeats, "device": args.device, "cpus": os.cpu_count(),
+                   "import_rss_mb": {f: statistics.median(
+                       measure([sys.executable, "-c", IMPORTS[f]])[0] for _ in range(args.repeats))
+                       for f in args.frameworks}, "rounds": []}
+        # Round by round, each configuration once, the ones to compare next to each other:
+        # a slow spell of a noisy machine then slows a whole round rather than one line.
+        for repeat in range(args.repeats):
+            results["rounds"].append(measure_round(args, Path(scratch, str(repeat))))
+            for name, run in results["rounds"][-1].items():
+                print(f"  round {repeat + 1}: {name} {run['seconds_per_epoch']:.3f} s/epoch",
+                      file=sys.stderr)
+        results["bound"] = {f"{f}/{a}": measure_bound(f, a, args, Path(scratch, f"iw-{f}-{a}"))
+                            for a in args.archs for f in args.frameworks} if args.iw_samples else {}
+        results["iw_samples"] = args.iw_samples
+    results["matmul_gflops"] = matmul_gflops() if results["bound"] else None
+    results["runs"] = {name: median_of([runs[name] for runs in results["rounds"]])
+                       for name in results["rounds"][0]}
+    results["ratios"] = ratios(results["rounds"])
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
 
 if __name__ == "__main__":
     main()

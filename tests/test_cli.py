@@ -1,0 +1,89 @@
+"""The two scripts as files a user copies: the same flags, the same framework-neutral text, no
+import of ours, and a run from an empty folder."""
+
+import ast
+import shutil
+import sys
+
+import pytest
+from conftest import ROOT, call_main, run_script
+
+# What each script writes for its own framework; every other top-level name that both
+# define must be the very same text in both.
+OWN = {"FRAMEWORK", "CHECKPOINT", "init", "build_encoder", "build_decoder", "reparameterize",
+       "Sampling", "VAE", "ImportanceWeightedBound", "negative_elbo", "log_importance_weights", "importance_weighted_nll",
+       "batches", "Batches", "train_epoch", "Epochs", "train", "evaluate", "posterior_means",
+       "iw_bound", "load_data", "save_checkpoint", "load_checkpoint", "start_processes",
+       "sum_over_processes", "train_batches", "select_device", "select_devices",
+       "distribution", "main"}
+
+
+def top_level(path):
+    """{name: source} of every top-level function, class and assignment in a script."""
+    source = path.read_text()
+    found = {}
+    for node in ast.parse(source).body:
+        names = ([node.name] if hasattr(node, "name") else
+                 [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
+        for name in names:
+            found[name] = ast.get_source_segment(source, node)
+    return found
+
+
+def test_the_framework_neutral_code_is_the_same_text_in_both_scripts():
+    pytorch, keras = (top_level(ROOT / f"sample_{name}.py") for name in ("pytorch", "keras"))
+    shared = (pytorch.keys() & keras.keys()) - OWN
+    assert {"read_idx", "load_idx_dir", "save_figures", "build_parser", "plan_run",
+            "claim_out_dir", "stop_requests", "write_metrics"} <= shared
+    drifted = [name for name in shared if pytorch[name] != keras[name]]
+    assert not drifted, f"edit these in both scripts alike: {drifted}"
+    alone = (pytorch.keys() ^ keras.keys()) - OWN
+    assert not alone, f"defined in one script only: {alone}"
+
+
+def test_both_scripts_print_the_same_help():
+    helps = [run_script(ROOT / f"sample_{name}.py", "--help").stdout.replace(
+        f"usage: sample_{name}.py", "usage: SCRIPT", 1) for name in ("pytorch", "keras")]
+    assert helps[0] == helps[1] and "--resume" in helps[0] and "--lr-decay" in helps[0]
+
+
+def test_each_script_imports_only_its_framework_numpy_matplotlib_tqdm_and_the_stdlib():
+    # torchvision downloads for PyTorch; Keras's backends are frameworks of their own
+    frameworks = {"pytorch": {"torch", "torchvision"}, "keras": {"keras", "tensorflow", "torch"}}
+    for name, framework in frameworks.items():
+        tree = ast.parse((ROOT / f"sample_{name}.py").read_text())
+        modules = {alias.name.split(".")[0] for node in ast.walk(tree)
+                   if isinstance(node, ast.Import) for alias in node.names}
+        modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom)}
+        others = modules - framework - {"numpy", "matplotlib", "tqdm"} - sys.stdlib_module_names
+        assert not others, (name, others)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs: must be at least 0, got -1"),
+    (["--epochs", "0"], "--epochs: 0 only makes sense with --resume"),
+    (["--steps-per-epoch", "two"], "--steps-per-epoch: expected a whole number, got 'two'"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--latent-dim", "1"], "--latent-dim: must be at least 2"),
+    (["--lr", "-0.1"], "--lr: must be above 0"),
+    (["--lr", "nan"], "--lr: must be above 0"),
+    (["--lr-decay", "1.5"], "--lr-decay: must be above 0 and at most 1"),
+    (["--iw-samples", "0"], "--iw-samples: must be at least 1"),
+    (["--beta", "-1"], "--beta: must be at least 0"),
+    (["--binarize", "yes"], "--binarize: invalid choice"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_flags_get_one_line_and_status_2_before_any_work(script, tmp_path, capsys, flags,
+                                                           message):
+    code, err = call_main(script, ["--out-dir", tmp_path / "out", *flags], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.subprocess
+def test_a_script_copied_alone_into_an_empty_folder_runs(script, tmp_path, data_dir):
+    shutil.copy(script.file, tmp_path)
+    result = run_script(tmp_path / script.file.name, "--data-dir", data_dir, "--epochs", "1",
+                        "--steps-per-epoch", "2", "--iw-samples", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "outputs" / script.name / "metrics.json").is_file()

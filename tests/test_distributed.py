@@ -1,0 +1,73 @@
+"""Data-parallel training on this machine's CPU: PyTorch under torchrun (two gloo processes),
+Keras over two TensorFlow logical CPU devices (MirroredStrategy). Each splits every batch
+between two workers, so neither reproduces one device's run bit for bit: these tests check
+that it trains as well, writes what one device writes, and resumes either way."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, history
+
+pytestmark = pytest.mark.subprocess
+
+
+def run(argv, env=None):
+    result = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def same_training(one, two):
+    """The two runs wrote the same files and reached about the same losses."""
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for a, b in zip(history(one), history(two), strict=True):
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=0.05)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+
+
+def test_two_gloo_processes_under_torchrun_train_and_resume(tmp_path, digits_dir):
+    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "sample_pytorch.py"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(["sample_pytorch.py", *flags, "--out-dir", one])
+    stdout = run([*torchrun, *flags, "--out-dir", two])
+    assert stdout.count("epoch 2/2") == 1 and "2 processes (gloo)" in stdout
+    same_training(one, two)
+    # a one-process checkpoint goes on under torchrun, and a two-process one without it
+    for source, target, launch in ((one, tmp_path / "a", torchrun), (two, tmp_path / "b", [])):
+        shutil.copytree(source, target)
+        run([*(launch or ["sample_pytorch.py"]), "--resume", "--epochs", "3", "--out-dir",
+             target])
+        assert [r["epoch"] for r in history(target)] == [1, 2, 3]
+
+
+TWO_CPU_DEVICES = """import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import sample_keras
+sample_keras.main(sys.argv[1:])
+"""
+
+
+def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_path, digits_dir):
+    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {"KERAS_BACKEND": "tensorflow"}
+    run(["sample_keras.py", *flags, "--out-dir", one], env)
+    stdout = run(["-c", TWO_CPU_DEVICES, *flags, "--out-dir", two], env)
+    assert "on cpu:0, cpu:1, data-parallel" in stdout
+    same_training(one, two)
+    assert json.loads((two / "metrics.json").read_text())["device"].endswith("data-parallel")
+    for source, target, launch in ((one, tmp_path / "a", ["-c", TWO_CPU_DEVICES]),
+                                   (two, tmp_path / "b", ["sample_keras.py"])):
+        shutil.copytree(source, target)
+        run([*launch, "--resume", "--epochs", "3", "--out-dir", target], env)
+        assert [r["epoch"] for r in history(target)] == [1, 2, 3]

@@ -1,0 +1,204 @@
+"""The maths of both scripts against independent computations written here: the -ELBO terms
+against torch.distributions and float64 numpy, the importance-weighted bound against a float64
+log-mean-exp, the reparameterized sample, and the loss that training minimises."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+RNG = np.random.default_rng(0)
+
+
+def log_bernoulli(x, logits):
+    """log p(x | logits) summed over the last axis, in float64 and stable for any logit."""
+    x, logits = np.float64(x), np.float64(logits)
+    return np.sum(-x * np.logaddexp(0, -logits) - (1 - x) * np.logaddexp(0, logits), axis=-1)
+
+
+def log_normal(z, mean, log_var):
+    return np.sum(-0.5 * ((z - mean) ** 2 / np.exp(log_var) + np.log(2 * np.pi) + log_var),
+                  axis=-1)
+
+
+def test_reconstruction_loss_is_the_bernoulli_nll_summed_over_pixels(script):
+    x = np.concatenate([RNG.random((3, 784)), (RNG.random((3, 784)) < 0.3)])  # grey and binary
+    logits = RNG.normal(scale=3, size=(6, 784))
+    reconstruction_loss, _ = script.call(script.module.negative_elbo, x, logits,
+                                         np.zeros((6, 2)), np.zeros((6, 2)))
+    bernoulli = Bernoulli(logits=torch.tensor(logits), validate_args=False)
+    expected = -bernoulli.log_prob(torch.tensor(x)).sum(-1).numpy()
+    np.testing.assert_allclose(reconstruction_loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(reconstruction_loss, -log_bernoulli(x, logits), rtol=1e-5)
+
+
+def test_reconstruction_loss_stays_exact_for_saturated_logits(script):
+    x = np.array([[0.0, 1.0, 0.0, 1.0, 0.5]])
+    logits = np.array([[-200.0, 200.0, 200.0, -200.0, 90.0]])  # sigmoid is 0 or 1 in float32
+    reconstruction_loss, _ = script.call(script.module.negative_elbo, x, logits,
+                                         np.zeros((1, 2)), np.zeros((1, 2)))
+    assert np.isfinite(reconstruction_loss).all()
+    np.testing.assert_allclose(reconstruction_loss, -log_bernoulli(x, logits), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e-3], ids=["wide", "near the prior"])
+def test_kl_loss_is_the_gaussian_kl_to_the_prior(script, scale):
+    z_mean, z_log_var = RNG.normal(scale=scale, size=(2, 8, 5))
+    _, kl_loss = script.call(script.module.negative_elbo, np.zeros((8, 784)),
+                             np.zeros((8, 784)), z_mean, z_log_var)
+    q = Normal(torch.tensor(z_mean), torch.tensor(np.exp(0.5 * z_log_var)))
+    expected = kl_divergence(q, Normal(0.0, 1.0)).sum(-1).numpy()
+    # Near the prior the terms of exp(v) - 1 - v cancel: float32 keeps 1e-3 only if computed
+    # stably.
+    np.testing.assert_allclose(kl_loss, expected, rtol=1e-3 if scale < 1 else 1e-5)
+
+
+def test_the_iw_bound_is_a_log_mean_exp_of_the_importance_weights(script):
+    model = script.model("mlp", latent_dim=3)
+    x, eps = (RNG.random((4, 784)) < 0.3).astype(np.float32), RNG.normal(size=(50, 4, 3))
+    ours = script.call(lambda x, eps: script.module.importance_weighted_nll(model, x, eps), x, eps)
+    # The same bound, written out in float64 from the model's encoder and decoder outputs.
+    z_mean, z_log_var = (np.float64(a) for a in script.encode(model, x))
+    z = z_mean + np.exp(0.5 * z_log_var) * eps
+    logits = script.decode(model, z.reshape(-1, 3)).reshape(50, 4, 784)
+    log_w = log_bernoulli(x, logits) + log_normal(z, 0, 0) - log_normal(z, z_mean, z_log_var)
+    top = log_w.max(axis=0)
+    expected = -(top + np.log(np.mean(np.exp(log_w - top), axis=0)))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    # and so at any size of the decoder's chunks
+    chunked = script.call(lambda x, eps: script.module.importance_weighted_nll(
+        model, x, eps, chunk=7), x, eps)
+    np.testing.assert_allclose(chunked, ours, rtol=1e-6)
+
+
+def test_the_iw_bound_tightens_with_k_and_has_the_elbos_mean_at_k_1(script, digits_dir):
+    """On real digits, with an untrained model whose q(z|x) is made too narrow (so that more
+    samples help): the K = 1 bound averages -ELBO (closed-form KL at a sampled z) over the
+    images, and K = 100 lies well below it."""
+    x_test = script.module.load_idx_dir(digits_dir)[2][:200]
+    model = script.model("mlp", latent_dim=4)
+    narrow = np.full(4, -4.0, np.float32)
+    if script.name == "pytorch":
+        model.z_log_var.bias.data = torch.from_numpy(narrow)
+    else:
+        model.z_log_var.bias.assign(narrow)
+    x = x_test / np.float32(255)
+    z_mean, z_log_var = script.encode(model, x)
+    z = z_mean + np.exp(0.5 * z_log_var) * RNG.normal(size=(20, *z_mean.shape))
+    logits = script.decode(model, z.reshape(-1, 4)).reshape(20, 200, 784)
+    kl = 0.5 * np.sum(z_mean ** 2 + np.exp(z_log_var) - 1 - z_log_var, axis=-1)
+    elbo_terms = -log_bernoulli(x, logits) + kl  # (20 draws, 200 images)
+    bound = {k: iw_bound(script, model, x_test, k) for k in (1, 100)}
+    standard_error = elbo_terms.mean(0).std() / math.sqrt(200) + elbo_terms.std() / math.sqrt(4000)
+    assert abs(bound[1] - elbo_terms.mean()) < 4 * standard_error
+    assert bound[100] < bound[1] - 1.0
+
+
+def iw_bound(script, model, x_test, k):
+    if script.name == "pytorch":
+        return script.module.iw_bound(model, torch.tensor(x_test), k, seed=0)
+    return script.module.iw_bound(model, x_test, k, seed=0)
+
+
+def test_reparameterize_is_mu_plus_sigma_eps(script):
+    z_mean, z_log_var, eps = RNG.normal(size=(3, 6, 4))
+    z = script.call(script.module.reparameterize, z_mean, z_log_var, eps)
+    np.testing.assert_allclose(z, z_mean + np.sqrt(np.exp(z_log_var)) * eps, rtol=1e-5)
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the decoder: remembers the z it is given, returns zero logits."""
+
+    def forward(self, z):
+        self.z = z.detach().numpy()
+        return torch.zeros(len(z), 784)
+
+
+def test_the_model_decodes_a_z_drawn_from_q_z_given_x(script):
+    """model(x) must decode z ~ N(z_mean, exp(z_log_var)), not z_mean: the ELBO is an
+    expectation over q(z|x), in training and in the reported test loss alike."""
+    model = script.model("mlp", latent_dim=3)
+    x = np.repeat(RNG.random((1, 784)), 4000, axis=0).astype(np.float32)
+    z_mean, z_log_var = script.encode(model, x[:1])
+    if script.name == "pytorch":
+        model.decoder = Recorder()
+        model(torch.from_numpy(x))
+        z = model.decoder.z
+    else:
+        recorded, decode = [], model.decoder.call
+        model.decoder.call = lambda z, *args, **kwargs: recorded.append(z) or decode(z, *args,
+                                                                                     **kwargs)
+        model(x)
+        z = script.numpy(recorded[0])
+    np.testing.assert_allclose(z.mean(0), z_mean[0], atol=0.1)
+    np.testing.assert_allclose(z.std(0), np.exp(0.5 * z_log_var[0]), rtol=0.05)
+
+
+def reference_loss(x, logits, z_mean, z_log_var, kl_weight):
+    """What training minimises: per image, the Bernoulli NLL summed over pixels plus the
+    weighted KL, averaged over the images of the batch."""
+    q = Normal(z_mean, torch.exp(0.5 * z_log_var))
+    reconstruction = -Bernoulli(logits=logits, validate_args=False).log_prob(x).sum(-1)
+    return (reconstruction + kl_weight * kl_divergence(q, Normal(0.0, 1.0)).sum(-1)).mean()
+
+
+def test_a_training_step_follows_the_gradient_of_the_batch_mean_loss(script):
+    """One step of plain SGD: the weights move by -lr times the gradient of the reference
+    loss at the same noise (the sum over pixels and the mean over images, KL weight 0.25)."""
+    x = (RNG.random((16, 784)) < 0.3).astype(np.float32)
+    if script.name == "keras":  # Keras's training step minimises compute_loss
+        model = script.model("mlp", 2)
+        model.kl_weight.assign(0.25)
+        y_pred = model(x)
+        ours = float(script.numpy(model.compute_loss(x, None, y_pred, training=True)))
+        logits, z_mean, z_log_var = (torch.tensor(script.numpy(t)) for t in y_pred)
+        expected = reference_loss(torch.tensor(x), logits, z_mean, z_log_var, 0.25).item()
+        assert ours == pytest.approx(expected, rel=1e-5)
+        tested = float(script.numpy(model.compute_loss(x, None, y_pred, training=False)))
+        assert tested == pytest.approx(reference_loss(torch.tensor(x), logits, z_mean, z_log_var,
+                                                      1.0).item(), rel=1e-5)
+        return
+    model = script.model("mlp", 2).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(1)
+    reference_loss(torch.tensor(x), *model(torch.tensor(x)), 0.25).backward()
+    gradients = [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(1)
+    sums = script.module.train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                                     [torch.tensor(x)], kl_weight=0.25)
+    for old, new, gradient in zip(before, model.parameters(), gradients):
+        torch.testing.assert_close(new.detach(), old - 0.01 * gradient, rtol=1e-4, atol=1e-6)
+    assert sums[2].item() == 16
+
+
+def test_the_kl_weight_warms_up_linearly_from_0_to_beta(script):
+    kl_weight = script.module.kl_weight
+    assert [kl_weight(0.5, 4, epoch) for epoch in range(1, 7)] == [0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert kl_weight(2.0, 0, 1) == 2.0
+
+
+def test_active_units_are_dimensions_whose_posterior_mean_varies_over_a_hundredth(script):
+    z_mean = RNG.normal(size=(4000, 5)) * np.array([1.0, 0.5, 0.09, 0.11, 0.0])
+    assert script.module.active_units(z_mean) == 3
+
+
+@pytest.mark.subprocess
+def test_the_keras_maths_hold_on_the_torch_backend():
+    """The Keras tests here run in this process on TensorFlow; Keras's backend is chosen once per
+    process, so they run again, for Keras, under KERAS_BACKEND=torch."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_maths.py", "tests/test_model.py", "-k",
+                             "keras and not torch_backend"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "KERAS_BACKEND": "torch"}, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout

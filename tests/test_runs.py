@@ -1,0 +1,344 @@
+"""Whole runs, in this process or as a user starts them: what a run writes and whether its
+numbers are right, resume, stops, numerical failure, bad input, and nothing lost."""
+
+import errno
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import (FIGURES, ROOT, Script, call_main, history, one_error_line, quick,
+                      run_script, write_dataset)
+from test_maths import log_bernoulli, log_normal
+
+METRICS_KEYS = {"framework", "backend", "config", "device", "versions", "history", "test",
+                "timing"}
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_a_run_writes_its_figures_metrics_and_checkpoint_and_a_clean_log(script, tmp_path,
+                                                                       data_dir, backend):
+    if backend == "torch" and script.name == "pytorch":
+        pytest.skip("KERAS_BACKEND concerns sample_keras.py only")
+    env = {"KERAS_BACKEND": "torch"} if backend == "torch" else {}
+    result = run_script(script.file, *quick(data_dir, tmp_path / "out", "--epochs", "2",
+                                            "--arch", "conv", "--latent-dim", "3"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^epoch 2/2  train loss [\d.]+ ", result.stdout, re.M)
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout + result.stderr
+    assert not re.search(r"Traceback|Warning|E0000|\berror\b", result.stderr), result.stderr
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert files == {*FIGURES, "metrics.json", script.checkpoint, ".lock"}
+    for name in FIGURES:
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics) == METRICS_KEYS and metrics["framework"] == script.name
+    assert set(metrics["config"]) == set(vars(script.module.parse_args(script.name, [])[0]))
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2]
+    assert metrics["backend"] == ("torch" if backend == "torch" or script.name == "pytorch"
+                                  else "tensorflow")
+
+
+def test_the_reported_test_loss_and_bound_match_an_independent_computation(script, tmp_path,
+                                                                         digits_dir, capsys):
+    """A short run on real digits, its checkpoint reloaded: metrics.json's test -ELBO and IW
+    bound against the same quantities computed here in float64 numpy, within their
+    Monte-Carlo error (the -ELBO at a sampled z, as defined, not at z_mean)."""
+    out_dir = tmp_path / "out"
+    code, err = call_main(script, ["--data-dir", digits_dir, "--out-dir", out_dir, "--epochs",
+                                   "3", "--iw-samples", "20", "--latent-dim", "4"], capsys)
+    assert code == 0, err
+    test = json.loads((out_dir / "metrics.json").read_text())["test"]
+    model = script.load(out_dir / script.checkpoint)
+    x = script.module.load_idx_dir(digits_dir)[2] / np.float32(255)
+    z_mean, z_log_var = (np.float64(a) for a in script.encode(model, x))
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(8):  # each: 20 samples per image, as the script's bound
+        z = z_mean + np.exp(0.5 * z_log_var) * rng.normal(size=(20, *z_mean.shape))
+        logits = script.decode(model, z.reshape(-1, 4)).reshape(20, len(x), 784)
+        log_p = log_bernoulli(x, logits)
+        log_w = log_p + log_normal(z, 0, 0) - log_normal(z, z_mean, z_log_var)
+        top = log_w.max(axis=0)
+        draws.append((-log_p, -(top + np.log(np.mean(np.exp(log_w - top), axis=0)))))
+    reconstruction = np.concatenate([d[0] for d in draws])  # (160, images)
+    bounds = np.stack([d[1] for d in draws])  # (8, images)
+    kl = 0.5 * np.sum(z_mean ** 2 + np.exp(z_log_var) - 1 - z_log_var, axis=-1)
+    error = np.sqrt(reconstruction.var(axis=0).mean() / len(x))
+    assert test["reconstruction_loss"] == pytest.approx(reconstruction.mean(), abs=4 * error)
+    assert test["kl_loss"] == pytest.approx(kl.mean(), rel=1e-4)
+    error = np.sqrt(2 * bounds.var(axis=0, ddof=1).mean() / len(x))
+    assert test["iw_nll"] == pytest.approx(bounds.mean(), abs=4 * error + 1e-3)
+
+
+def test_a_resumed_run_ends_as_an_uninterrupted_one(script, tmp_path, data_dir, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = ["--binarize", "dynamic", "--lr-decay", "0.9", "--kl-warmup-epochs", "2"]
+    assert call_main(script, quick(data_dir, straight, "--epochs", "3", *flags), capsys)[0] == 0
+    assert call_main(script, quick(data_dir, resumed, "--epochs", "2", *flags), capsys)[0] == 0
+    code, err = call_main(script, ["--resume", "--out-dir", resumed, "--epochs", "3"], capsys)
+    assert code == 0, err
+    assert history(resumed) == history(straight)
+    for ours, theirs in zip(script.weights(resumed / script.checkpoint),
+                            script.weights(straight / script.checkpoint), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_resume_refuses_flags_that_would_change_the_model_or_the_data(script, tmp_path,
+                                                                     data_dir, capsys):
+    out_dir = tmp_path / "out"
+    assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+    saved = (out_dir / script.checkpoint).read_bytes()
+    for flags, message in ((["--latent-dim", "3"], "--latent-dim 3 differs"),
+                           (["--arch", "conv"], "--arch conv differs"),
+                           (["--data-dir", tmp_path], "--data-dir"),
+                           (["--dataset", "fashion_mnist"], "--dataset fashion_mnist differs"),
+                           (["--binarize", "static"], "--binarize static differs")):
+        code, err = call_main(script, ["--resume", "--out-dir", out_dir, *flags], capsys)
+        assert code == 1 and message in err and err.count("\n") == 1, err
+        assert (out_dir / script.checkpoint).read_bytes() == saved
+
+
+def test_epochs_0_with_resume_redraws_the_figures_from_the_checkpoint(script, tmp_path, data_dir,
+                                                                      capsys):
+    out_dir = tmp_path / "out"
+    assert call_main(script, quick(data_dir, out_dir, "--epochs", "2"), capsys)[0] == 0
+    before = history(out_dir)
+    for name in FIGURES:
+        (out_dir / name).unlink()
+    code, err = call_main(script, ["--resume", "--epochs", "0", "--iw-samples", "7",
+                                   "--out-dir", out_dir], capsys)
+    assert code == 0, err
+    assert all((out_dir / name).is_file() for name in FIGURES) and history(out_dir) == before
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 2 and metrics["test"]["iw_samples"] == 7
+    code, err = call_main(script, ["--resume", "--epochs", "1", "--out-dir", out_dir], capsys)
+    assert code == 1 and "already holds 2 epochs" in err
+
+
+def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, data_dir,
+                                                                   capsys, monkeypatch):
+    out_dir, kl_weight = tmp_path / "out", script.module.kl_weight
+    monkeypatch.setattr(script.module, "kl_weight",  # a NaN loss in epoch 2
+                        lambda beta, warmup, epoch: float("nan") if epoch == 2 else 1.0)
+    argv = quick(data_dir, out_dir, "--epochs", "3", "--lr", "0.002")
+    code, err = call_main(script, argv, capsys)
+    line = one_error_line(err)
+    assert code == 1 and "the loss became NaN or infinite in epoch 2 at --lr 0.002" in line
+    assert f"{script.checkpoint} keeps epoch 1" in line
+    assert all(np.isfinite(w).all() for w in script.weights(out_dir / script.checkpoint))
+    monkeypatch.setattr(script.module, "kl_weight", kl_weight)
+    # A fresh run must not overwrite that unfinished run...
+    code, err = call_main(script, argv, capsys)
+    assert code == 1 and "holds an unfinished run (1 of 3 epochs)" in err
+    # ...which goes on from its good epoch with the lower learning rate the line suggests.
+    command = shlex.split(line.split("continue with a lower one: ")[1])
+    assert command[-2:] == ["--lr", "0.001"] and command[0] == sys.executable
+    code, err = call_main(script, command[2:], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in history(out_dir)] == [1, 2, 3]
+
+
+def test_beta_and_the_kl_warm_up_weigh_the_kl_term_in_training(script, tmp_path, data_dir,
+                                                               capsys):
+    runs = {"beta 0": ["--beta", "0"], "warm-up": ["--kl-warmup-epochs", "4"], "beta 1": []}
+    for name, flags in runs.items():
+        argv = quick(data_dir, tmp_path / name, "--epochs", "2", "--steps-per-epoch", "6", *flags)
+        assert call_main(script, argv, capsys)[0] == 0
+    beta0, warmup, beta1 = (history(tmp_path / name) for name in runs)
+    assert warmup[0] == beta0[0] != beta1[0]  # the first epoch of a warm-up has weight 0
+    assert beta1[1]["test_kl_loss"] < warmup[1]["test_kl_loss"] < beta0[1]["test_kl_loss"]
+
+
+def test_a_collapsed_posterior_is_warned_about(script, tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(script.module, "active_units", lambda z_mean: 0)
+    code, err = call_main(script, quick(data_dir, tmp_path / "out", "--epochs", "1"), capsys)
+    assert code == 0 and "no active latent units" in err and "--kl-warmup-epochs" in err
+
+
+# --- nothing lost ------------------------------------------------------------------------------
+
+def test_a_run_never_writes_over_the_other_scripts_run(script, tmp_path, data_dir, capsys):
+    other = Script("keras" if script.name == "pytorch" else "pytorch")
+    out_dir = tmp_path / "out"
+    assert call_main(other, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    for flags in ([], ["--resume"]):
+        code, err = call_main(script, quick(data_dir, out_dir, "--epochs", "1", *flags), capsys)
+        assert code == 1 and f"holds a run of sample_{other.name}.py" in err, err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+def test_damaged_or_missing_checkpoints_are_refused_with_one_line(script, tmp_path, data_dir,
+                                                                  capsys):
+    out_dir = tmp_path / "out"
+    assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+    path = out_dir / script.checkpoint
+    whole = path.read_bytes()
+    for damaged in (whole[:len(whole) // 2], b"not a checkpoint at all", b""):
+        path.write_bytes(damaged)
+        code, err = call_main(script, ["--resume", "--out-dir", out_dir, "--epochs", "2"], capsys)
+        assert code == 1 and "truncated or corrupt" in err and err.count("\n") == 1, err
+        assert path.read_bytes() == damaged  # left for the user to look at, never replaced
+    path.unlink()
+    code, err = call_main(script, ["--resume", "--out-dir", out_dir], capsys)
+    assert code == 1 and "to resume; run without --resume" in err
+
+
+BAD_DATA = {  # how a good folder is spoilt -> what the one line says
+    "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte").unlink(), "no t10k-labels-idx1-ubyte"),
+    "truncated": (lambda d: (d / "t10k-images-idx3-ubyte").write_bytes(
+        (d / "t10k-images-idx3-ubyte").read_bytes()[:5000]), "truncated or corrupt"),
+    "corrupt gzip": (lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(
+        b"\x1f\x8b\x08\x00" + bytes(range(7, 71))), "cannot read it"),  # a zlib.error
+    "cut gzip": (lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
+        (d / "train-images-idx3-ubyte.gz").read_bytes()[:-9]), "cannot read it"),  # EOFError
+    "not an IDX file": (lambda d: (d / "t10k-images-idx3-ubyte").write_text("hello"),
+                        "bad magic number"),
+    "wrong image size": (lambda d: (d / "t10k-images-idx3-ubyte").write_bytes(
+        bytes([0, 0, 8, 3, 0, 0, 0, 60, 0, 0, 0, 32, 0, 0, 0, 32]) + bytes(60 * 1024)),
+                         "expected N 28x28 images and N labels"),
+    "count mismatch": (lambda d: (d / "t10k-labels-idx1-ubyte").write_bytes(
+        bytes([0, 0, 8, 1, 0, 0, 0, 59]) + bytes(59)), "expected N 28x28 images and N labels"),
+    "no such folder": (lambda d: d.rename(d.with_name("gone")), "no such folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_gets_one_line_and_creates_nothing(script, tmp_path, capsys, case):
+    spoil, message = BAD_DATA[case]
+    folder = Path(write_dataset(tmp_path / "data", gzipped=True))
+    spoil(folder)
+    code, err = call_main(script, ["--data-dir", folder, "--out-dir", tmp_path / "out"], capsys)
+    assert code == 1 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_training(script, tmp_path, data_dir,
+                                                                      capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = call_main(script, quick(data_dir, tmp_path / "file"), capsys)
+    assert code == 1 and "is a file" in err and err.count("\n") == 1
+    code, err = call_main(script, quick(data_dir, tmp_path / "file" / "out"), capsys)
+    assert code == 1 and "cannot write there" in err and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_full_disk_leaves_the_files_already_there_intact(script, tmp_path, data_dir, capsys,
+                                                           monkeypatch):
+    out_dir = tmp_path / "out"
+    assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+
+    def disk_full(ax, path):  # half a file, then the error a full disk gives
+        with script.module.atomic_path(path) as tmp:
+            Path(tmp).write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+
+    monkeypatch.setattr(script.module, "save_png", disk_full)
+    code, err = call_main(script, ["--resume", "--epochs", "0", "--out-dir", out_dir], capsys)
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+# --- stops and concurrent runs, as a user causes them -------------------------------------------
+
+def start(script, out_dir, data, *more):
+    """A run of three epochs of about a second each, started as a user would, once its first
+    epoch is done (or at once with first_epoch=False)."""
+    process = subprocess.Popen(
+        [sys.executable, str(script.file), "--data-dir", data, "--out-dir", out_dir,
+         "--epochs", "3", "--batch-size", "2", "--device", "cpu", "--iw-samples", "1", *more],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("epoch 1/3  "):
+            break
+    return process
+
+
+@pytest.fixture(scope="module")
+def slow_data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("slow"), n_train=2000, n_test=50)
+
+
+@pytest.mark.subprocess
+def test_sigterm_stops_after_the_batch_and_the_printed_command_resumes(script, tmp_path,
+                                                                       slow_data):
+    process = start(script, tmp_path / "out", slow_data)
+    time.sleep(0.3)  # into epoch 2
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    line = one_error_line(err)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert "stopped by SIGTERM in epoch 2" in line and f"{script.checkpoint} keeps epoch 1" in line
+    command = shlex.split(line.split("continue with: ")[1])
+    assert command[0] == sys.executable  # the interpreter that ran it, not a bare python3
+    result = subprocess.run(command + ["--steps-per-epoch", "5"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [r["epoch"] for r in history(tmp_path / "out")] == [1, 2, 3]
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_twice_stops_at_once_and_before_any_epoch_nothing_is_promised(script, tmp_path,
+                                                                            slow_data):
+    process = start(script, tmp_path / "out", slow_data)
+    time.sleep(0.3)
+    for _ in range(2):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]
+    assert all(np.isfinite(w).all() for w in script.weights(tmp_path / "out" / script.checkpoint))
+    # Stopped in its first epoch, a run has saved nothing and says so.
+    process = subprocess.Popen([sys.executable, str(script.file), "--data-dir", slow_data,
+                                "--out-dir", tmp_path / "fresh", "--batch-size", "1",
+                                "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "fresh" / ".lock").exists():
+        time.sleep(0.1)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    line = one_error_line(err)
+    assert process.returncode == 130 and "nothing was saved yet: run the command again" in line
+    assert "--resume" not in line
+
+
+@pytest.mark.subprocess
+def test_a_second_run_in_the_same_out_dir_is_refused_and_a_killed_one_leaves_no_lock(
+        script, tmp_path, slow_data):
+    out_dir = tmp_path / "out"
+    first = start(script, out_dir, slow_data)
+    for other in ("pytorch", "keras"):
+        second = run_script(ROOT / f"sample_{other}.py", "--data-dir", slow_data, "--out-dir",
+                            out_dir, "--device", "cpu", "--resume")
+        line = one_error_line(second.stderr)
+        assert second.returncode == 1 and f"another run (process {first.pid}) is writing" in line
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    resumed = run_script(script.file, "--resume", "--out-dir", out_dir, "--steps-per-epoch", "5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in history(out_dir)] == [1, 2, 3]
+
+
+@pytest.mark.subprocess
+def test_run_sh_keeps_each_frameworks_results_apart(tmp_path, data_dir):
+    result = subprocess.run(["bash", "scripts/run.sh", "--data-dir", data_dir, "--epochs", "1",
+                             "--steps-per-epoch", "2", "--iw-samples", "1", "--out-dir",
+                             tmp_path / "both"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("pytorch", "keras"):
+        metrics = json.loads((tmp_path / "both" / name / "metrics.json").read_text())
+        assert metrics["framework"] == name
