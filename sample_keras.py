@@ -220,52 +220,56 @@ def importance_weighted_nll(model, x, eps, chunk=None):
 # ----------------------------------------------------------------------------------------------
 
 class Batches(keras.utils.PyDataset):
-    """uint8 images as float batches in [0, 1] for fit(): with `args`, the training batches of
-    epoch_order(), which set_epoch() picks as PyTorch's DistributedSampler does, drawn afresh
-    as binary pixels under --binarize dynamic; without, the images in order. Data-parallel
-    training splits every batch evenly over its `replicas`: the images of an epoch are cut to
-    a multiple of their number, as under torchrun."""
+    """uint8 images as float batches in [0, 1] for fit(). For training (with `args`), an
+    endless stream from first_epoch on, batch i being step i % steps of epoch first_epoch +
+    i // steps in epoch_order(), drawn afresh as binary pixels under --binarize dynamic: fit()
+    keeps one iterator for the whole run, and a resumed run goes on exactly. Without args,
+    the images once, in order. Data-parallel training splits every batch evenly over its
+    `replicas`: an epoch's images are cut to a multiple of their number, as under torchrun."""
 
-    def __init__(self, images, batch_size, args=None, replicas=1):
+    def __init__(self, images, batch_size, args=None, first_epoch=1, replicas=1):
         super().__init__()
-        self.images, self.batch_size, self.args, self.replicas = images, batch_size, args, replicas
-        self.set_epoch(1)
+        self.images, self.batch_size, self.args = images, batch_size, args
+        self.first_epoch, self.replicas, self.orders = first_epoch, replicas, {}
+        self.steps = -(-len(self.order(first_epoch)) // batch_size)
 
-    def set_epoch(self, epoch):
-        self.epoch, args = epoch, self.args
-        order = np.arange(len(self.images)) if args is None else epoch_order(
-            args.seed, epoch, len(self.images), args.batch_size, args.steps_per_epoch)
-        self.order = order[:len(order) // self.replicas * self.replicas]
+    def order(self, epoch):
+        if epoch not in self.orders:  # one epoch's order at a time
+            order = np.arange(len(self.images)) if self.args is None else epoch_order(
+                self.args.seed, epoch, len(self.images), self.batch_size, self.args.steps_per_epoch)
+            self.orders = {epoch: order[:len(order) // self.replicas * self.replicas]}
+        return self.orders[epoch]
 
-    def __len__(self):
-        return -(-len(self.order) // self.batch_size)
+    @property
+    def num_batches(self):
+        return None if self.args else self.steps
 
-    def __getitem__(self, step):
-        x = self.images[self.order[step * self.batch_size:(step + 1) * self.batch_size]]
+    def __getitem__(self, i):
+        epoch, step = self.first_epoch + i // self.steps, i % self.steps
+        x = self.images[self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]]
         if self.args is not None and self.args.binarize == "dynamic":
-            x = binarize(x, [self.args.seed, self.epoch, step])
+            x = binarize(x, [self.args.seed, epoch, step])
         return x.astype(np.float32) / 255
 
 
 class Epochs(keras.callbacks.Callback):
     """What PyTorch's train() does around each epoch, as callbacks of one fit(): the epoch's
-    batches and KL weight, a progress bar, a stop after the batches at hand on request, and
-    at the epoch's end its record in the history, its line and the checkpoint."""
+    KL weight, a progress bar, a stop after the batches at hand on request, and at the
+    epoch's end its record in the history, its line and the checkpoint."""
 
-    def __init__(self, batches, x_test, args, history, stop):
+    def __init__(self, steps, x_test, args, history, stop):
         super().__init__()
-        self.batches, self.x_test, self.args, self.history, self.stop = (
-            batches, x_test, args, history, stop)
+        self.steps, self.x_test, self.args, self.history, self.stop = (
+            steps, x_test, args, history, stop)
 
     def on_epoch_begin(self, epoch, logs=None):  # Keras counts epochs from 0
-        self.batches.set_epoch(epoch + 1)
         self.model.kl_weight.assign(kl_weight(self.args.beta, self.args.kl_warmup_epochs,
                                               epoch + 1))
-        self.bar = progress(None, len(self.batches), f"epoch {epoch + 1}")
+        self.bar = progress(None, self.steps, f"epoch {epoch + 1}")
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):  # batch: the last of the steps just run
-        self.bar.update(min(batch + 1, self.bar.total) - self.bar.n)
+        self.bar.update(batch + 1 - self.bar.n)
         if self.stop.signal:
             self.model.stop_training = True
 
@@ -286,16 +290,24 @@ class Epochs(keras.callbacks.Callback):
 def train(model, x_train, x_test, args, history, replicas=1):
     """Epochs len(history) + 1 to --epochs in one fit(), each evaluated, printed and
     checkpointed (see Epochs); returns the stop request, whose .signal says whether one came."""
-    batches = Batches(x_train, args.batch_size, args, replicas)
+    batches = Batches(x_train, args.batch_size, args, len(history) + 1, replicas)
+    # Each compiled call runs whole steps of one epoch from the endless stream: as many as
+    # divide an epoch, at most 8 (torch and tf.distribute take one).
+    backend = keras.backend.backend()
+    most = 1 if backend == "torch" or replicas > 1 and backend == "tensorflow" else 8
+    model.compile(optimizer=model.optimizer, steps_per_execution=max(
+        d for d in range(1, most + 1) if batches.steps % d == 0))
     with stop_requests() as stop:
         if len(history) < args.epochs:
-            validation = Batches(x_test, EVAL_BATCH_SIZE // replicas * replicas, None, replicas)
-            model.fit(batches, epochs=args.epochs, initial_epoch=len(history), shuffle=False,
-                      validation_data=validation, verbose=0, callbacks=[
+            validation = Batches(x_test, EVAL_BATCH_SIZE // replicas * replicas, None, 1,
+                                 replicas)
+            model.fit(batches, epochs=args.epochs, initial_epoch=len(history),
+                      steps_per_epoch=batches.steps, shuffle=False, validation_data=validation,
+                      verbose=0, callbacks=[
                           keras.callbacks.LearningRateScheduler(
                               lambda epoch: args.lr * args.lr_decay ** epoch),
                           keras.callbacks.TerminateOnNaN(),
-                          Epochs(batches, x_test, args, history, stop)])
+                          Epochs(batches.steps, x_test, args, history, stop)])
     return stop
 
 
@@ -326,7 +338,7 @@ def iw_bound(model, x_test, num_samples, seed):
     (a checkpoint's bound redrawn gives the same number)."""
     images = max(1, IW_ROWS // num_samples)
     batches = Batches(x_test, images)
-    with progress(None, len(batches), f"IW bound, K={num_samples}") as bar:
+    with progress(None, batches.steps, f"IW bound, K={num_samples}") as bar:
         tick = keras.callbacks.LambdaCallback(on_predict_batch_end=lambda *_, **__: bar.update())
         nll = ImportanceWeightedBound(model, num_samples, seed, IW_ROWS // images).predict(
             batches, verbose=0, callbacks=[tick])
@@ -533,17 +545,15 @@ def save_png(ax, path):
 
 
 def save_latent_space(path, coords, labels, class_names, axis_names):
-    """Test-set posterior means in 2-D, coloured by class, drawn in a random order so that no
-    class hides another, with each class's name at its median."""
+    """Test-set posterior means in 2-D, coloured by class and drawn in a random order, so that
+    no class is buried under those drawn after it."""
     order = np.random.default_rng(0).permutation(len(coords))
     ax = Figure(figsize=(7.5, 6.5)).subplots()
     ax.scatter(*coords[order].T, s=2, c=np.array([f"C{k}" for k in range(10)])[labels[order]],
                alpha=0.5, rasterized=True)
-    for k, name in enumerate(class_names):
-        if (labels == k).any():
-            ax.text(*np.median(coords[labels == k], axis=0), name, color=f"C{k}", fontsize=13,
-                    fontweight="bold", ha="center", va="center",
-                    bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+    for k, name in enumerate(class_names):  # the legend's entries
+        ax.scatter([], [], s=20, color=f"C{k}", label=name)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), title="label")
     ax.set(xlabel=axis_names[0], ylabel=axis_names[1],
            title="posterior means z_mean of the test set")
     ax.set_aspect("equal", adjustable="datalim")
@@ -616,21 +626,20 @@ def select_devices(name):
 
 
 def distribution(devices, batch_size):
-    """(scope, steps per compiled call) for training on `devices`: keras.device() on one;
+    """The scope to build, load and train the model in: keras.device() on one device;
     data-parallel on several, each step's batch split evenly between them, with
     tf.distribute.MirroredStrategy on TensorFlow or keras.distribution.DataParallel on JAX
     (Keras on torch has none: it takes the first device)."""
     backend = keras.backend.backend()
     if len(devices) == 1 or backend == "torch":
-        return keras.device(devices[0]), 1 if backend == "torch" else 8
+        return keras.device(devices[0])
     if batch_size % len(devices):
         raise UserError(f"--batch-size {batch_size} does not split evenly over the "
                         f"{len(devices)} devices; pick a multiple of {len(devices)}")
     if backend == "jax":
-        return keras.distribution.DataParallel(devices=devices).scope(), 8
+        return keras.distribution.DataParallel(devices=devices).scope()
     import tensorflow as tf
-    # More than one step per compiled call fails under tf.distribute.
-    return tf.distribute.MirroredStrategy([f"/{d}" for d in devices]).scope(), 1
+    return tf.distribute.MirroredStrategy([f"/{d}" for d in devices]).scope()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -950,7 +959,7 @@ def main(argv=None):
         lock = claim_out_dir(args.out_dir) if os.path.isdir(args.out_dir) else None
         devices = select_devices(args.device)
         replicas = 1 if keras.backend.backend() == "torch" else len(devices)
-        scope, steps_per_execution = distribution(devices, args.batch_size)
+        scope = distribution(devices, args.batch_size)
         with scope:  # the model is built, loaded and trained on those devices
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
@@ -961,7 +970,7 @@ def main(argv=None):
 
             keras.utils.set_random_seed(args.seed)  # the weights and the noise
             if args.resume:
-                optimizer, history = model.optimizer, saved["history"]
+                history = saved["history"]
                 print(f"resuming after epoch {len(history)} of {path}")
             else:
                 model, history = VAE(args.arch, args.latent_dim), []
@@ -970,7 +979,7 @@ def main(argv=None):
                 # which TensorFlow would then trace twice.
                 model(keras.Input((784,)))
                 optimizer.build(model.trainable_variables)
-            model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
+                model.compile(optimizer=optimizer)
             where = ", ".join(devices) + (", data-parallel" if len(devices) > 1 else "")
             print(f"Keras {keras.__version__} on the {keras.backend.backend()} backend, on "
                   f"{where}; {len(x_train)} training and {len(x_test)} test images")

@@ -413,17 +413,15 @@ def save_png(ax, path):
 
 
 def save_latent_space(path, coords, labels, class_names, axis_names):
-    """Test-set posterior means in 2-D, coloured by class, drawn in a random order so that no
-    class hides another, with each class's name at its median."""
+    """Test-set posterior means in 2-D, coloured by class and drawn in a random order, so that
+    no class is buried under those drawn after it."""
     order = np.random.default_rng(0).permutation(len(coords))
     ax = Figure(figsize=(7.5, 6.5)).subplots()
     ax.scatter(*coords[order].T, s=2, c=np.array([f"C{k}" for k in range(10)])[labels[order]],
                alpha=0.5, rasterized=True)
-    for k, name in enumerate(class_names):
-        if (labels == k).any():
-            ax.text(*np.median(coords[labels == k], axis=0), name, color=f"C{k}", fontsize=13,
-                    fontweight="bold", ha="center", va="center",
-                    bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+    for k, name in enumerate(class_names):  # the legend's entries
+        ax.scatter([], [], s=20, color=f"C{k}", label=name)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), title="label")
     ax.set(xlabel=axis_names[0], ylabel=axis_names[1],
            title="posterior means z_mean of the test set")
     ax.set_aspect("equal", adjustable="datalim")

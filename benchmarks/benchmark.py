@@ -37,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPORTS = {"pytorch": "import torch", "keras": "import keras"}
+# The first optimizer PyTorch makes imports its compiler stack (torch._dynamo) too.
+WITH_ADAM = {"pytorch": "; torch.optim.Adam([torch.zeros(1, requires_grad=True)])",
+             "keras": "; keras.optimizers.Adam()"}
 LATENT_DIM = 20
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -241,7 +244,8 @@ def print_table(results):
               f"{run['peak_rss_mb'] - imports[framework]:9.0f}MB {run['test_loss']:9.2f}")
     print()
     for framework, rss in imports.items():
-        print(f"importing {framework} alone: {rss:.0f} MB peak RSS")
+        print(f"importing {framework} alone: {rss:.0f} MB peak RSS; with an Adam made too: "
+              f"{results['import_and_adam_rss_mb'][framework]:.0f} MB")
     spread = lambda values: (f" (median of {len(values)} rounds: {min(values):.2f}x to "
                              f"{max(values):.2f}x)" if len(values) > 1 else "")
     for name, values in results["ratios"].items():
@@ -298,9 +302,11 @@ def main(argv=None):
         results = {"data": str(args.data_dir), "train_images": args.train_images,
                    "test_images": args.test_images, "epochs": args.epochs,
                    "repeats": args.repeats, "device": args.device, "cpus": os.cpu_count(),
-                   "import_rss_mb": {f: statistics.median(
-                       measure([sys.executable, "-c", IMPORTS[f]])[0] for _ in range(args.repeats))
-                       for f in args.frameworks}, "rounds": []}
+                   "rounds": []}
+        for key, more in (("import_rss_mb", {}), ("import_and_adam_rss_mb", WITH_ADAM)):
+            results[key] = {f: statistics.median(
+                measure([sys.executable, "-c", IMPORTS[f] + more.get(f, "")])[0]
+                for _ in range(args.repeats)) for f in args.frameworks}
         # Round by round, each configuration once, the ones to compare next to each other:
         # a slow spell of a noisy machine then slows a whole round rather than one line.
         for repeat in range(args.repeats):

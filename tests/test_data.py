@@ -65,9 +65,8 @@ def training_batches(script, images, epoch, binarize):
         order = script.module.epoch_order(0, epoch, len(images), 8)
         return [x.numpy() for x in script.module.batches(torch.tensor(images), 8, order,
                                                          binarize == "dynamic")]
-    batches = script.module.Batches(images, 8, args)
-    batches.set_epoch(epoch)
-    return list(batches)
+    batches = script.module.Batches(images, 8, args, first_epoch=epoch)
+    return [batches[i] for i in range(batches.steps)]
 
 
 def test_dynamic_binarization_trains_on_binary_pixels_drawn_afresh_each_epoch(script):
