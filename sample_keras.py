@@ -561,13 +561,20 @@ def save_latent_space(path, coords, labels, class_names, axis_names):
 
 
 def save_training_curves(path, history):
-    fig = Figure(figsize=(13, 3.8))
+    """Loss, reconstruction and KL per epoch. A long run's axes frame its last nine tenths:
+    its first epochs (a KL warm-up's above all) would flatten the rest."""
+    fig, long_run = Figure(figsize=(13, 3.8)), len(history) > 50
     for ax, (key, title) in zip(fig.subplots(1, 3), (("loss", "loss = -ELBO"),
                                                      ("reconstruction_loss", "reconstruction"),
                                                      ("kl_loss", "KL(q(z|x) || p(z))"))):
-        for split, style in (("train", "-o"), ("test", "--s")):
+        for split, style in (("train", "-"), ("test", "--")):
             ax.plot([r["epoch"] for r in history], [r[f"{split}_{key}"] for r in history],
-                    style, markersize=3, label=split)
+                    style, marker="" if long_run else "o", markersize=3, label=split)
+        if long_run:
+            late = [r[f"{split}_{key}"] for r in history[len(history) // 10:]
+                    for split in ("train", "test")]
+            margin = (max(late) - min(late)) * 0.1
+            ax.set_ylim(min(late) - margin, max(late) + margin)
         ax.set(title=title, xlabel="epoch", ylabel="nats per image")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -870,7 +877,8 @@ def number(kind, low, high=math.inf, low_ok=True):
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}")
-        if not (math.isfinite(value) and (low < value or low_ok and value == low) and value <= high):
+        if not (math.isfinite(value) and (low < value or low_ok and value == low)
+                and value <= high):
             bounds = (f"at least {low}" if low_ok else f"above {low}") + (
                 f" and at most {high}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")

@@ -41,7 +41,9 @@ class Script:
 
     def tensor(self, array, dtype="float32"):
         array = np.asarray(array, dtype)
-        return torch.from_numpy(array) if self.name == "pytorch" else self.keras.ops.convert_to_tensor(array)
+        if self.name == "pytorch":
+            return torch.from_numpy(array)
+        return self.keras.ops.convert_to_tensor(array)
 
     def numpy(self, value):
         if isinstance(value, (tuple, list)):
@@ -95,7 +97,8 @@ def script(request):
 def idx_bytes(array):
     """An IDX file of uint8 values, written from the format's description."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
 
 
 def write_dataset(folder, n_train=200, n_test=60, gzipped=True, source=None):
@@ -104,11 +107,10 @@ def write_dataset(folder, n_train=200, n_test=60, gzipped=True, source=None):
     the training files gzipped when asked, the test files raw, so that both forms get read."""
     os.makedirs(folder, exist_ok=True)
     for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        if source == "mnist":
-            images, labels = (read_shipped(f"{split}-{kind}") [:n] for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
-        else:
-            images, labels = synthetic_digits(n, seed)
-        for name, array in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+        names = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+        arrays = ([read_shipped(name)[:n] for name in names] if source == "mnist"
+                  else synthetic_digits(n, seed))
+        for name, array in zip(names, arrays):
             data = idx_bytes(array)
             if gzipped and split == "train":
                 name, data = name + ".gz", gzip.compress(data)

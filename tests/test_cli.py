@@ -11,7 +11,8 @@ from conftest import ROOT, call_main, run_script
 # What each script writes for its own framework; every other top-level name that both
 # define must be the very same text in both.
 OWN = {"FRAMEWORK", "CHECKPOINT", "init", "build_encoder", "build_decoder", "reparameterize",
-       "Sampling", "VAE", "ImportanceWeightedBound", "negative_elbo", "log_importance_weights", "importance_weighted_nll",
+       "Sampling", "VAE", "ImportanceWeightedBound", "negative_elbo", "log_importance_weights",
+       "importance_weighted_nll",
        "batches", "Batches", "train_epoch", "Epochs", "train", "evaluate", "posterior_means",
        "iw_bound", "load_data", "save_checkpoint", "load_checkpoint", "start_processes",
        "sum_over_processes", "train_batches", "select_device", "select_devices",

@@ -194,7 +194,8 @@ def test_damaged_or_missing_checkpoints_are_refused_with_one_line(script, tmp_pa
 
 
 BAD_DATA = {  # how a good folder is spoilt -> what the one line says
-    "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte").unlink(), "no t10k-labels-idx1-ubyte"),
+    "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte").unlink(),
+                     "no t10k-labels-idx1-ubyte"),
     "truncated": (lambda d: (d / "t10k-images-idx3-ubyte").write_bytes(
         (d / "t10k-images-idx3-ubyte").read_bytes()[:5000]), "truncated or corrupt"),
     "corrupt gzip": (lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(
