@@ -586,9 +586,6 @@ def save_training_curves(path, history):
 # Checkpoint, resume and data parallelism
 # ----------------------------------------------------------------------------------------------
 
-CHECKPOINT = "checkpoint.keras"
-
-
 def save_checkpoint(path, model, args, history):
     """Everything a resumed run needs to continue exactly (the weights, Adam's state, the
     noise generator's, the flags and the history) in one .keras file, written to a temporary
@@ -613,8 +610,9 @@ def load_checkpoint(path):
 
 
 def select_devices(name):
-    """--device auto|cpu|gpu -> the devices to train on: every GPU the backend sees (or
-    Apple's MPS under torch), else the CPU."""
+    """--device auto|cpu|gpu -> the devices to train on: every GPU the backend sees, else the
+    CPU; under torch one device (CUDA, Apple's MPS or the CPU): Keras has no data parallelism
+    there."""
     if keras.backend.backend() == "torch":
         import torch
         gpus = (["cuda"] if torch.cuda.is_available()
@@ -635,15 +633,13 @@ def select_devices(name):
 def distribution(devices, batch_size):
     """The scope to build, load and train the model in: keras.device() on one device;
     data-parallel on several, each step's batch split evenly between them, with
-    tf.distribute.MirroredStrategy on TensorFlow or keras.distribution.DataParallel on JAX
-    (Keras on torch has none: it takes the first device)."""
-    backend = keras.backend.backend()
-    if len(devices) == 1 or backend == "torch":
+    tf.distribute.MirroredStrategy on TensorFlow or keras.distribution.DataParallel on JAX."""
+    if len(devices) == 1:
         return keras.device(devices[0])
     if batch_size % len(devices):
         raise UserError(f"--batch-size {batch_size} does not split evenly over the "
                         f"{len(devices)} devices; pick a multiple of {len(devices)}")
-    if backend == "jax":
+    if keras.backend.backend() == "jax":
         return keras.distribution.DataParallel(devices=devices).scope()
     import tensorflow as tf
     return tf.distribute.MirroredStrategy([f"/{d}" for d in devices]).scope()
@@ -655,6 +651,7 @@ def distribution(devices, batch_size):
 # ----------------------------------------------------------------------------------------------
 
 CHECKPOINTS = {"pytorch": "checkpoint.pt", "keras": "checkpoint.keras"}
+CHECKPOINT = CHECKPOINTS[FRAMEWORK]  # this script's, in --out-dir
 # Flags that define the model or the data: a resumed run keeps the checkpoint's.
 RESUME_FIXED = ("arch", "latent_dim", "dataset", "data_dir", "binarize")
 STATIC_BINARIZATION_SEED, TEST_BINARIZATION_SEED = 1234, 5678  # the same pixels every run
@@ -683,7 +680,7 @@ def one_line_errors(out_dir):
     except UserError as error:
         fail(error)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        saved = os.path.isfile(os.path.join(out_dir, CHECKPOINTS[FRAMEWORK]))
+        saved = os.path.isfile(os.path.join(out_dir, CHECKPOINT))
         fail("stopped at once; " + (f"the last checkpoint is whole: continue with: "
                                     f"{resume_command(out_dir)}" if saved else
                                     "nothing was saved yet: run the command again"), 130)
@@ -696,7 +693,7 @@ def plan_run(args, given, saved):
     """This run's flags. A fresh run keeps its own but must not write over another script's
     run or an unfinished one; --resume takes the checkpoint's (`saved` state), overridden by
     those typed now, except the ones that would change the model or the data."""
-    path = os.path.join(args.out_dir, CHECKPOINTS[FRAMEWORK])
+    path = os.path.join(args.out_dir, CHECKPOINT)
     for other, name in CHECKPOINTS.items():
         if other != FRAMEWORK and os.path.exists(os.path.join(args.out_dir, name)):
             raise UserError(f"--out-dir {args.out_dir} holds a run of sample_{other}.py; give "
@@ -790,14 +787,14 @@ def end_if_stopped(history, args, stop):
     longer finite (status 1), exit with one line that says what is saved and how to go on."""
     if len(history) == args.epochs:
         return
-    epoch, saved = len(history) + 1, CHECKPOINTS[FRAMEWORK]
+    epoch, resume = len(history) + 1, resume_command(args.out_dir)
     if stop.signal:
         fail(f"stopped by {stop.signal} in epoch {epoch}; " + (
-            f"{saved} keeps epoch {len(history)}: continue with: {resume_command(args.out_dir)}"
+            f"{CHECKPOINT} keeps epoch {len(history)}: continue with: {resume}"
             if history else "nothing was saved yet: run the command again"), 130)
-    lower = f"{resume_command(args.out_dir)} --lr {args.lr / 2:g}"
     fail(f"the loss became NaN or infinite in epoch {epoch} at --lr {args.lr:g}; " + (
-        f"{saved} keeps epoch {len(history)}: continue with a lower one: {lower}" if history
+        f"{CHECKPOINT} keeps epoch {len(history)}: continue with a lower one: "
+        f"{resume} --lr {args.lr / 2:g}" if history
         else "nothing was saved: run the command again with a lower --lr"))
 
 
@@ -862,7 +859,7 @@ def write_metrics(args, run, history, iw_nll, timing):
     print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {iw_nll:.2f} "
           f"nats/image ({timing['iw_seconds']:.1f} s)\ntest: loss {test['loss']:.2f} = "
           f"reconstruction {test['reconstruction_loss']:.2f} + kl {test['kl_loss']:.2f} "
-          f"nats/image; figures, metrics.json and {CHECKPOINTS[FRAMEWORK]} in {args.out_dir}")
+          f"nats/image; figures, metrics.json and {CHECKPOINT} in {args.out_dir}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -966,9 +963,7 @@ def main(argv=None):
     with one_line_errors(args.out_dir):
         lock = claim_out_dir(args.out_dir) if os.path.isdir(args.out_dir) else None
         devices = select_devices(args.device)
-        replicas = 1 if keras.backend.backend() == "torch" else len(devices)
-        scope = distribution(devices, args.batch_size)
-        with scope:  # the model is built, loaded and trained on those devices
+        with distribution(devices, args.batch_size):  # build, load and train the model there
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
             args = plan_run(args, given, saved)
@@ -992,7 +987,8 @@ def main(argv=None):
             print(f"Keras {keras.__version__} on the {keras.backend.backend()} backend, on "
                   f"{where}; {len(x_train)} training and {len(x_test)} test images")
             started = time.time()
-            end_if_stopped(history, args, train(model, x_train, x_test, args, history, replicas))
+            stop = train(model, x_train, x_test, args, history, len(devices))
+            end_if_stopped(history, args, stop)
         decode = lambda z: ops.convert_to_numpy(ops.sigmoid(model.decoder(z)))
         save_figures(args, history, x_test, y_test, posterior_means(model, x_test), decode)
         iw_started = time.time()

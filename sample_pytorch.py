@@ -455,9 +455,6 @@ def save_training_curves(path, history):
 # Checkpoint, resume and data parallelism
 # ----------------------------------------------------------------------------------------------
 
-CHECKPOINT = "checkpoint.pt"
-
-
 def save_checkpoint(path, model, optimizer, args, history):
     """Everything a resumed run needs to continue exactly, written to a temporary file and
     renamed: a kill at any instant leaves the previous checkpoint whole."""
@@ -536,6 +533,7 @@ def train_batches(x_train, args, epoch):
 # ----------------------------------------------------------------------------------------------
 
 CHECKPOINTS = {"pytorch": "checkpoint.pt", "keras": "checkpoint.keras"}
+CHECKPOINT = CHECKPOINTS[FRAMEWORK]  # this script's, in --out-dir
 # Flags that define the model or the data: a resumed run keeps the checkpoint's.
 RESUME_FIXED = ("arch", "latent_dim", "dataset", "data_dir", "binarize")
 STATIC_BINARIZATION_SEED, TEST_BINARIZATION_SEED = 1234, 5678  # the same pixels every run
@@ -564,7 +562,7 @@ def one_line_errors(out_dir):
     except UserError as error:
         fail(error)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        saved = os.path.isfile(os.path.join(out_dir, CHECKPOINTS[FRAMEWORK]))
+        saved = os.path.isfile(os.path.join(out_dir, CHECKPOINT))
         fail("stopped at once; " + (f"the last checkpoint is whole: continue with: "
                                     f"{resume_command(out_dir)}" if saved else
                                     "nothing was saved yet: run the command again"), 130)
@@ -577,7 +575,7 @@ def plan_run(args, given, saved):
     """This run's flags. A fresh run keeps its own but must not write over another script's
     run or an unfinished one; --resume takes the checkpoint's (`saved` state), overridden by
     those typed now, except the ones that would change the model or the data."""
-    path = os.path.join(args.out_dir, CHECKPOINTS[FRAMEWORK])
+    path = os.path.join(args.out_dir, CHECKPOINT)
     for other, name in CHECKPOINTS.items():
         if other != FRAMEWORK and os.path.exists(os.path.join(args.out_dir, name)):
             raise UserError(f"--out-dir {args.out_dir} holds a run of sample_{other}.py; give "
@@ -671,14 +669,14 @@ def end_if_stopped(history, args, stop):
     longer finite (status 1), exit with one line that says what is saved and how to go on."""
     if len(history) == args.epochs:
         return
-    epoch, saved = len(history) + 1, CHECKPOINTS[FRAMEWORK]
+    epoch, resume = len(history) + 1, resume_command(args.out_dir)
     if stop.signal:
         fail(f"stopped by {stop.signal} in epoch {epoch}; " + (
-            f"{saved} keeps epoch {len(history)}: continue with: {resume_command(args.out_dir)}"
+            f"{CHECKPOINT} keeps epoch {len(history)}: continue with: {resume}"
             if history else "nothing was saved yet: run the command again"), 130)
-    lower = f"{resume_command(args.out_dir)} --lr {args.lr / 2:g}"
     fail(f"the loss became NaN or infinite in epoch {epoch} at --lr {args.lr:g}; " + (
-        f"{saved} keeps epoch {len(history)}: continue with a lower one: {lower}" if history
+        f"{CHECKPOINT} keeps epoch {len(history)}: continue with a lower one: "
+        f"{resume} --lr {args.lr / 2:g}" if history
         else "nothing was saved: run the command again with a lower --lr"))
 
 
@@ -743,7 +741,7 @@ def write_metrics(args, run, history, iw_nll, timing):
     print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {iw_nll:.2f} "
           f"nats/image ({timing['iw_seconds']:.1f} s)\ntest: loss {test['loss']:.2f} = "
           f"reconstruction {test['reconstruction_loss']:.2f} + kl {test['kl_loss']:.2f} "
-          f"nats/image; figures, metrics.json and {CHECKPOINTS[FRAMEWORK]} in {args.out_dir}")
+          f"nats/image; figures, metrics.json and {CHECKPOINT} in {args.out_dir}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from conftest import ROOT, call_main, run_script
 
 # What each script writes for its own framework; every other top-level name that both
 # define must be the very same text in both.
-OWN = {"FRAMEWORK", "CHECKPOINT", "init", "build_encoder", "build_decoder", "reparameterize",
+OWN = {"FRAMEWORK", "init", "build_encoder", "build_decoder", "reparameterize",
        "Sampling", "VAE", "ImportanceWeightedBound", "negative_elbo", "log_importance_weights",
        "importance_weighted_nll",
        "batches", "Batches", "train_epoch", "Epochs", "train", "evaluate", "posterior_means",
