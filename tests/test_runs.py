@@ -252,15 +252,15 @@ def test_a_full_disk_leaves_the_files_already_there_intact(script, tmp_path, dat
 
 # --- stops and concurrent runs, as a user causes them -------------------------------------------
 
-def start(script, out_dir, data, *more):
-    """A run of three epochs of about a second each, started as a user would, once its first
-    epoch is done (or at once with first_epoch=False)."""
+def start(script, out_dir, data, *more, after_first_epoch=True):
+    """A run of three epochs of about a second each, started as a user would; returned once
+    its first epoch is done (or at once with after_first_epoch=False)."""
     process = subprocess.Popen(
         [sys.executable, str(script.file), "--data-dir", data, "--out-dir", out_dir,
          "--epochs", "3", "--batch-size", "2", "--device", "cpu", "--iw-samples", "1", *more],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
+    for line in process.stdout if after_first_epoch else ():
         if line.startswith("epoch 1/3  "):
             break
     return process
@@ -302,10 +302,8 @@ def test_ctrl_c_twice_stops_at_once_and_before_any_epoch_nothing_is_promised(scr
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]
     assert all(np.isfinite(w).all() for w in script.weights(tmp_path / "out" / script.checkpoint))
     # Stopped in its first epoch, a run has saved nothing and says so.
-    process = subprocess.Popen([sys.executable, str(script.file), "--data-dir", slow_data,
-                                "--out-dir", tmp_path / "fresh", "--batch-size", "1",
-                                "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = start(script, tmp_path / "fresh", slow_data, "--batch-size", "1",
+                    after_first_epoch=False)
     while not (tmp_path / "fresh" / ".lock").exists():
         time.sleep(0.1)
     time.sleep(2)
