@@ -657,9 +657,15 @@ def stop_requests():
         print(f"\n{stop.signal}: stopping after this batch (again to stop at once)",
               file=sys.stderr, flush=True)
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    # The second signal's KeyboardInterrupt, landing in a finalizer, cannot be raised there and
+    # Python would print a traceback: drop it, since the first one's stop still comes.
+    report = sys.unraisablehook
+    sys.unraisablehook = lambda info: (None if issubclass(info.exc_type, KeyboardInterrupt)
+                                       else report(info))
     try:
         yield stop
     finally:  # once stopping, a further signal must not turn the exit into a traceback
+        sys.unraisablehook = report
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_IGN if stop.signal else handler)
 

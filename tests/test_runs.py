@@ -289,6 +289,27 @@ def test_sigterm_stops_after_the_batch_and_the_printed_command_resumes(script, t
     assert [r["epoch"] for r in history(tmp_path / "out")] == [1, 2, 3]
 
 
+def test_a_second_ctrl_c_that_lands_in_a_finalizer_prints_no_traceback(script, monkeypatch):
+    """Python cannot raise a signal handler's KeyboardInterrupt inside a finalizer (a weakref
+    callback, a __del__): it hands it to sys.unraisablehook, which prints a traceback. The
+    stop that the first signal asked for still comes, so a run drops those, and only those."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(info.exc_type))
+
+    class Finalizer:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    with script.module.stop_requests():
+        Finalizer(KeyboardInterrupt)  # collected at once
+        Finalizer(ValueError)
+    Finalizer(KeyboardInterrupt)  # after the run, Python's own handling again
+    assert reported == [ValueError, KeyboardInterrupt]
+
+
 @pytest.mark.subprocess
 def test_ctrl_c_twice_stops_at_once_and_before_any_epoch_nothing_is_promised(script, tmp_path,
                                                                             slow_data):
