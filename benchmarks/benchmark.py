@@ -19,13 +19,12 @@ minutes apart, its median reported: on a noisy machine that holds better than a 
 medians. Last, the importance-weighted bound on its own: seconds for K samples on every test
 image, and the decoder's arithmetic per second against what this CPU's matrix product reaches.
 
-    .venv/bin/python benchmarks/benchmark.py                      # full MNIST from data/mnist
+    .venv/bin/python benchmarks/benchmark.py                      # full MNIST, data/mnist.npz
     .venv/bin/python benchmarks/benchmark.py --subset 8000 2000   # a small data set's epochs
     .venv/bin/python benchmarks/benchmark.py --repeats 3 --json results.json
 """
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -35,14 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 IMPORTS = {"pytorch": "import torch", "keras": "import keras"}
 # The first optimizer PyTorch makes imports its compiler stack (torch._dynamo) too.
 WITH_ADAM = {"pytorch": "; torch.optim.Adam([torch.zeros(1, requires_grad=True)])",
              "keras": "; keras.optimizers.Adam()"}
 LATENT_DIM = 20
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def measure(argv):
@@ -129,10 +128,15 @@ def reference(data_dir, epochs, arch, device):
     import sample_pytorch as sp
 
     root = tempfile.mkdtemp()
-    raw = Path(root, "MNIST", "raw")  # where torchvision.datasets.MNIST looks for the files
+    raw = Path(root, "MNIST", "raw")  # where torchvision.datasets.MNIST looks for its files
     raw.mkdir(parents=True)
-    for name in IDX_FILES:
-        (raw / name).write_bytes(b"".join(read_idx(data_dir, name)))
+    with np.load(Path(data_dir, "mnist.npz")) as data:
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            for key, kind in (("x", "images-idx3"), ("y", "labels-idx1")):
+                array = data[f"{key}_{split}"]  # as an IDX file: magic number, sizes, bytes
+                header = bytes([0, 0, 8, array.ndim]) + b"".join(
+                    n.to_bytes(4, "big") for n in array.shape)
+                (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + array.tobytes())
     loader, test_loader = (
         torch.utils.data.DataLoader(torchvision.datasets.MNIST(root, train=train,
                                                                transform=transforms.ToTensor()),
@@ -161,25 +165,12 @@ def reference(data_dir, epochs, arch, device):
     print(json.dumps({"seconds_per_epoch": statistics.median(seconds[1:])}))
 
 
-def read_idx(folder, name):
-    """(header, data bytes) of an IDX file, gzipped or not. The benchmark reads them itself:
-    importing a script here would bring its framework into this process, and the memory of
-    every process it starts would count it."""
-    path = next(p for p in (Path(folder, name), Path(folder, name + ".gz")) if p.exists())
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
-    header = 4 + 4 * data[3]
-    return data[:header], data[header:]
-
-
 def subset(data_dir, n_train, n_test, folder):
     """The first n_train training and n_test test images and labels of data_dir, as a folder
-    of the four IDX files: a small data set of real digits."""
-    for name, n in zip(IDX_FILES, (n_train, n_train, n_test, n_test)):
-        header, data = read_idx(data_dir, name)
-        item = 784 if "images" in name else 1
-        Path(folder, name).write_bytes(header[:4] + n.to_bytes(4, "big") + header[8:]
-                                       + data[:n * item])
+    with its own mnist.npz: a small data set of real digits."""
+    with np.load(Path(data_dir, "mnist.npz")) as data:
+        np.savez(Path(folder, "mnist.npz"), **{key: data[key][:n_train if "train" in key
+                                                               else n_test] for key in data})
     return Path(folder)
 
 
@@ -268,8 +259,8 @@ def print_table(results):
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "mnist",
-                        help="a folder of the four MNIST IDX files (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data",
+                        help="a folder with mnist.npz (default: %(default)s)")
     parser.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "TEST"),
                         help="use only the first TRAIN training and TEST test images")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run (default: 6)")
@@ -284,8 +275,8 @@ def parse(argv):
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arch", default="mlp", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not args.data_dir.is_dir():
-        parser.error(f"--data-dir {args.data_dir}: no such folder")
+    if not (args.data_dir / "mnist.npz").is_file():
+        parser.error(f"--data-dir {args.data_dir}: no mnist.npz there")
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is not timed)")
     return args
@@ -297,8 +288,8 @@ def main(argv=None):
         return reference(args.data_dir, args.epochs, args.arch, args.device)
     with tempfile.TemporaryDirectory() as scratch:
         args.data = subset(args.data_dir, *args.subset, scratch) if args.subset else args.data_dir
-        args.train_images, args.test_images = (int.from_bytes(read_idx(args.data, name)[0][4:8],
-                                                              "big") for name in IDX_FILES[::2])
+        with np.load(args.data / "mnist.npz") as data:
+            args.train_images, args.test_images = len(data["y_train"]), len(data["y_test"])
         results = {"data": str(args.data_dir), "train_images": args.train_images,
                    "test_images": args.test_images, "epochs": args.epochs,
                    "repeats": args.repeats, "device": args.device, "cpus": os.cpu_count(),

@@ -1,26 +1,27 @@
 """What the tests share: both scripts behind one interface (the `script` fixture runs a test
-once per framework), small IDX data sets written here, and a way to run a script as a user
-would."""
+once per framework), small data sets written here, and a way to run a script as a user would."""
 
-import gzip
 import importlib
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
+# Two pytest-xdist workers share two cores: one thread each, for this process and the scripts it
+# starts, so that their thread pools do not spin against each other (set before the imports).
+for variable in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ.setdefault(variable, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 # torch and TensorFlow share this test process (the scripts never do). torch's triton, which
 # torch loads lazily, crashes the process when first loaded after TensorFlow, so load it first.
-import torch
-import torch._dynamo  # noqa: F401
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-FRAMEWORKS = ("pytorch", "keras")
 FIGURES = ("reconstructions.png", "samples.png", "latent_space.png", "latent_manifold.png",
            "interpolation.png", "training_curves.png")
 
@@ -39,23 +40,21 @@ class Script:
     def __repr__(self):
         return self.name
 
-    def tensor(self, array, dtype="float32"):
-        array = np.asarray(array, dtype)
-        if self.name == "pytorch":
-            return torch.from_numpy(array)
-        return self.keras.ops.convert_to_tensor(array)
+    def tensor(self, array):
+        array = np.asarray(array, np.float32)
+        return torch.from_numpy(array) if self.name == "pytorch" else (
+            self.keras.ops.convert_to_tensor(array))
 
     def numpy(self, value):
         if isinstance(value, (tuple, list)):
             return [self.numpy(v) for v in value]
-        if self.name == "pytorch":
-            return value.detach().cpu().numpy()
-        return self.keras.ops.convert_to_numpy(value)
+        return (value.detach().cpu().numpy() if self.name == "pytorch"
+                else self.keras.ops.convert_to_numpy(value))
 
-    def call(self, function, *arrays, dtype="float32"):
+    def call(self, function, *arrays):
         """function(*tensors) with numpy in and numpy out."""
         with torch.no_grad():
-            return self.numpy(function(*(self.tensor(a, dtype) for a in arrays)))
+            return self.numpy(function(*(self.tensor(a) for a in arrays)))
 
     def model(self, arch="mlp", latent_dim=2, seed=0):
         if self.name == "pytorch":
@@ -73,14 +72,29 @@ class Script:
         """The decoder's logits."""
         return self.call(model.decoder, z)
 
+    def layer(self, model, part):
+        """The (kernel or weight, bias) variables of "z_mean", "decoder_first" or "decoder_last"."""
+        if self.name == "pytorch":
+            layer = {"z_mean": model.z_mean, "decoder_first": model.decoder[0],
+                     "decoder_last": model.decoder[-1]}[part]
+            return layer.weight, layer.bias
+        layer = {"z_mean": model.z_mean, "decoder_first": model.decoder.layers[0],
+                 "decoder_last": model.decoder.layers[-1]}[part]
+        return layer.kernel, layer.bias
+
+    def sgd_step(self, model, x, kl_weight, lr):
+        """One training step of plain SGD on the batch x, as the script trains."""
+        if self.name == "pytorch":
+            return self.module.train_epoch(model, torch.optim.SGD(model.parameters(), lr=lr),
+                                           [torch.from_numpy(x)], kl_weight)
+        model.kl_weight.assign(kl_weight)
+        model.compile(optimizer=self.keras.optimizers.SGD(lr))
+        return model.train_on_batch(x)
+
     def load(self, path):
         """The trained model in a checkpoint."""
-        if self.name == "keras":
-            return self.module.load_checkpoint(str(path))[0]
-        state = self.module.load_checkpoint(str(path))
-        model = self.module.VAE(state["config"]["arch"], state["config"]["latent_dim"])
-        model.load_state_dict(state["model"])
-        return model.eval()
+        model = self.module.load_checkpoint(str(path))[0]
+        return model.eval() if self.name == "pytorch" else model
 
     def weights(self, path):
         model = self.load(path)
@@ -89,52 +103,30 @@ class Script:
         return [w.numpy() for w in model.state_dict().values()]
 
 
-@pytest.fixture(scope="session", params=FRAMEWORKS)
+@pytest.fixture(scope="session", params=("pytorch", "keras"))
 def script(request):
     return Script(request.param)
 
 
-def idx_bytes(array):
-    """An IDX file of uint8 values, written from the format's description."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.tobytes()
-
-
-def write_dataset(folder, n_train=200, n_test=60, gzipped=True, source=None):
-    """The four MNIST files in `folder`: real digits from the shipped data/mnist when `source`
-    says "mnist" (its first n_train training and n_test test images), else synthetic ones;
-    the training files gzipped when asked, the test files raw, so that both forms get read."""
+def write_dataset(folder, n_train=200, n_test=60, source=None, name="mnist"):
+    """folder/mnist.npz in Keras's layout: real digits from the shipped data/mnist.npz when
+    `source` says "mnist" (its first n_train training and n_test test images), else synthetic
+    ones that an autoencoder can tell apart (class k: a bright bar at rows 2k + 2 to 2k + 5)."""
     os.makedirs(folder, exist_ok=True)
-    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        names = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
-        arrays = ([read_shipped(name)[:n] for name in names] if source == "mnist"
-                  else synthetic_digits(n, seed))
-        for name, array in zip(names, arrays):
-            data = idx_bytes(array)
-            if gzipped and split == "train":
-                name, data = name + ".gz", gzip.compress(data)
-            Path(folder, name).write_bytes(data)
+    if source == "mnist":
+        with np.load(ROOT / "data" / "mnist.npz") as data:
+            arrays = {key: data[key][:n_train if "train" in key else n_test] for key in data}
+    else:
+        arrays = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            rng = np.random.default_rng(len(split))
+            labels = (np.arange(n) % 10).astype(np.uint8)
+            images = (rng.random((n, 28, 28)) < 0.05).astype(np.uint8) * 128
+            for i, k in enumerate(labels):
+                images[i, 2 * k + 2:2 * k + 6, 4:24] = 255
+            arrays.update({f"x_{split}": images, f"y_{split}": labels})
+    np.savez_compressed(Path(folder) / f"{name}.npz", **arrays)
     return str(folder)
-
-
-def read_shipped(name):
-    with gzip.open(ROOT / "data" / "mnist" / f"{name}.gz") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def synthetic_digits(n, seed):
-    """n 28x28 uint8 images in 10 classes that an autoencoder can tell apart: class k is a
-    bright bar at rows 2k + 2 to 2k + 5, plus sparse noise. Labels cycle 0..9."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    images = (rng.random((n, 28, 28)) < 0.05).astype(np.uint8) * 128
-    for i, k in enumerate(labels):
-        images[i, 2 * k + 2:2 * k + 6, 4:24] = 255
-    return images, labels
 
 
 @pytest.fixture(scope="session")

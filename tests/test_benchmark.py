@@ -22,7 +22,7 @@ def test_the_benchmark_runs_in_rounds_and_reports_figures_and_ratios(tmp_path, d
     assert (results["train_images"], results["test_images"]) == (400, 100)
     for framework in ("pytorch", "keras"):
         run = results["runs"][f"{framework}/mlp"]
-        assert 0 < run["seconds_per_epoch"] and run["worst_over_median"] == 1.0  # one timed
+        assert 0 < run["seconds_per_epoch"]
         assert 0 < run["start_up"] < run["wall"] and 0 < run["first_step"] < run["wall"]
         assert run["peak_rss_mb"] > results["import_rss_mb"][framework] > 100
         assert 0 < run["test_loss"] < 784 * math.log(2)  # nats per image: beats coin flips

@@ -10,13 +10,10 @@ from conftest import ROOT, call_main, run_script
 
 # What each script writes for its own framework; every other top-level name that both
 # define must be the very same text in both.
-OWN = {"FRAMEWORK", "init", "build_encoder", "build_decoder", "reparameterize",
-       "Sampling", "VAE", "ImportanceWeightedBound", "negative_elbo", "log_importance_weights",
-       "importance_weighted_nll",
-       "batches", "Batches", "train_epoch", "Epochs", "train", "evaluate", "posterior_means",
-       "iw_bound", "load_data", "save_checkpoint", "load_checkpoint", "start_processes",
-       "sum_over_processes", "train_batches", "select_device", "select_devices",
-       "distribution", "main"}
+OWN = {"FRAMEWORK", "CHECKPOINT", "build_encoder", "build_decoder", "reparameterize", "VAE",
+       "negative_elbo", "importance_weighted_nll", "Batches", "train_epoch", "train", "evaluate",
+       "posterior_means", "iw_bound", "download", "save_checkpoint", "load_checkpoint",
+       "start_processes", "select_devices", "distribution", "main"}
 
 
 def top_level(path):
@@ -34,8 +31,8 @@ def top_level(path):
 def test_the_framework_neutral_code_is_the_same_text_in_both_scripts():
     pytorch, keras = (top_level(ROOT / f"sample_{name}.py") for name in ("pytorch", "keras"))
     shared = (pytorch.keys() & keras.keys()) - OWN
-    assert {"read_idx", "load_idx_dir", "save_figures", "build_parser", "plan_run",
-            "claim_out_dir", "stop_requests", "write_metrics"} <= shared
+    assert {"load_data", "save_figures", "parse_args", "resume_flags", "lock_out_dir",
+            "one_line_errors", "epoch_record", "write_metrics"} <= shared
     drifted = [name for name in shared if pytorch[name] != keras[name]]
     assert not drifted, f"edit these in both scripts alike: {drifted}"
     alone = (pytorch.keys() ^ keras.keys()) - OWN
@@ -43,8 +40,8 @@ def test_the_framework_neutral_code_is_the_same_text_in_both_scripts():
 
 
 def test_both_scripts_print_the_same_help():
-    helps = [run_script(ROOT / f"sample_{name}.py", "--help").stdout.replace(
-        f"usage: sample_{name}.py", "usage: SCRIPT", 1) for name in ("pytorch", "keras")]
+    helps = [run_script(ROOT / f"sample_{name}.py", "--help").stdout.replace(name, "FRAMEWORK")
+             for name in ("pytorch", "keras")]
     assert helps[0] == helps[1] and "--resume" in helps[0] and "--lr-decay" in helps[0]
 
 
@@ -62,16 +59,16 @@ def test_each_script_imports_only_its_framework_numpy_matplotlib_tqdm_and_the_st
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "-1"], "--epochs: must be at least 0, got -1"),
-    (["--epochs", "0"], "--epochs: 0 only makes sense with --resume"),
-    (["--steps-per-epoch", "two"], "--steps-per-epoch: expected a whole number, got 'two'"),
+    (["--epochs", "-1"], "--epochs: must be at least 1, got -1"),
+    (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    (["--steps-per-epoch", "two"], "--steps-per-epoch: invalid int value: 'two'"),
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
     (["--latent-dim", "1"], "--latent-dim: must be at least 2"),
     (["--lr", "-0.1"], "--lr: must be above 0"),
     (["--lr", "nan"], "--lr: must be above 0"),
-    (["--lr-decay", "1.5"], "--lr-decay: must be above 0 and at most 1"),
+    (["--lr-decay", "1.5"], "--lr-decay in (0, 1]"),
     (["--iw-samples", "0"], "--iw-samples: must be at least 1"),
-    (["--beta", "-1"], "--beta: must be at least 0"),
+    (["--beta", "nan"], "--beta: must be at least 0"),
     (["--binarize", "yes"], "--binarize: invalid choice"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_flags_get_one_line_and_status_2_before_any_work(script, tmp_path, capsys, flags,

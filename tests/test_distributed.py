@@ -27,8 +27,8 @@ def same_training(one, two):
     """The two runs wrote the same files and reached about the same losses."""
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     for a, b in zip(history(one), history(two), strict=True):
-        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=0.05)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=0.1)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.1)
 
 
 def test_two_gloo_processes_under_torchrun_train_and_resume(tmp_path, digits_dir):
@@ -38,7 +38,7 @@ def test_two_gloo_processes_under_torchrun_train_and_resume(tmp_path, digits_dir
     one, two = tmp_path / "one", tmp_path / "two"
     run(["sample_pytorch.py", *flags, "--out-dir", one])
     stdout = run([*torchrun, *flags, "--out-dir", two])
-    assert stdout.count("epoch 2/2") == 1 and "2 processes (gloo)" in stdout
+    assert stdout.count("epoch 2/2") == 1 and "on 2 processes" in stdout
     same_training(one, two)
     # a one-process checkpoint goes on under torchrun, and a two-process one without it
     for source, target, launch in ((one, tmp_path / "a", torchrun), (two, tmp_path / "b", [])):
@@ -63,7 +63,7 @@ def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_pa
     env = {"KERAS_BACKEND": "tensorflow"}
     run(["sample_keras.py", *flags, "--out-dir", one], env)
     stdout = run(["-c", TWO_CPU_DEVICES, *flags, "--out-dir", two], env)
-    assert "on cpu:0, cpu:1, data-parallel" in stdout
+    assert "cpu:0, cpu:1, data-parallel" in stdout
     same_training(one, two)
     assert json.loads((two / "metrics.json").read_text())["device"].endswith("data-parallel")
     for source, target, launch in ((one, tmp_path / "a", ["-c", TWO_CPU_DEVICES]),

@@ -23,16 +23,17 @@ METRICS_KEYS = {"framework", "backend", "config", "device", "versions", "history
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("backend", ["default", "torch"])
-def test_a_run_writes_its_figures_metrics_and_checkpoint_and_a_clean_log(script, tmp_path,
-                                                                       data_dir, backend):
-    if backend == "torch" and script.name == "pytorch":
-        pytest.skip("KERAS_BACKEND concerns sample_keras.py only")
-    env = {"KERAS_BACKEND": "torch"} if backend == "torch" else {}
+@pytest.mark.parametrize("name, backend", [("pytorch", "torch"), ("keras", "tensorflow"),
+                                           ("keras", "torch")])
+def test_a_run_writes_its_figures_metrics_and_checkpoint_and_a_clean_log(name, backend, tmp_path,
+                                                                       data_dir):
+    script = Script(name)
     result = run_script(script.file, *quick(data_dir, tmp_path / "out", "--epochs", "2",
-                                            "--arch", "conv", "--latent-dim", "3"), env=env)
+                                            "--arch", "conv", "--latent-dim", "3"),
+                        env={"KERAS_BACKEND": backend})
     assert result.returncode == 0, result.stderr
     assert re.search(r"^epoch 2/2  train loss [\d.]+ ", result.stdout, re.M)
+    assert "importance-weighted bound: K=5" in result.stdout  # a log shows what runs
     assert "\x1b" not in result.stdout and "\r" not in result.stdout + result.stderr
     assert not re.search(r"Traceback|Warning|E0000|\berror\b", result.stderr), result.stderr
     files = {p.name for p in (tmp_path / "out").iterdir()}
@@ -41,10 +42,9 @@ def test_a_run_writes_its_figures_metrics_and_checkpoint_and_a_clean_log(script,
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics) == METRICS_KEYS and metrics["framework"] == script.name
-    assert set(metrics["config"]) == set(vars(script.module.parse_args(script.name, [])[0]))
+    assert set(metrics["config"]) == set(vars(script.module.parse_args([])[0]))
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
-    assert metrics["backend"] == ("torch" if backend == "torch" or script.name == "pytorch"
-                                  else "tensorflow")
+    assert metrics["backend"] == backend
 
 
 def test_the_reported_test_loss_and_bound_match_an_independent_computation(script, tmp_path,
@@ -56,9 +56,11 @@ def test_the_reported_test_loss_and_bound_match_an_independent_computation(scrip
     code, err = call_main(script, ["--data-dir", digits_dir, "--out-dir", out_dir, "--epochs",
                                    "3", "--iw-samples", "20", "--latent-dim", "4"], capsys)
     assert code == 0, err
-    test = json.loads((out_dir / "metrics.json").read_text())["test"]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    test = metrics["test"]
     model = script.load(out_dir / script.checkpoint)
-    x = script.module.load_idx_dir(digits_dir)[2] / np.float32(255)
+    with np.load(f"{digits_dir}/mnist.npz") as data:
+        x = data["x_test"].reshape(-1, 784) / np.float32(255)
     z_mean, z_log_var = (np.float64(a) for a in script.encode(model, x))
     rng = np.random.default_rng(0)
     draws = []
@@ -77,6 +79,8 @@ def test_the_reported_test_loss_and_bound_match_an_independent_computation(scrip
     assert test["kl_loss"] == pytest.approx(kl.mean(), rel=1e-4)
     error = np.sqrt(2 * bounds.var(axis=0, ddof=1).mean() / len(x))
     assert test["iw_nll"] == pytest.approx(bounds.mean(), abs=4 * error + 1e-3)
+    active = int((z_mean.var(axis=0) > 0.01).sum())  # Burda et al.'s active units
+    assert metrics["history"][-1]["active_units"] == active
 
 
 def test_a_resumed_run_ends_as_an_uninterrupted_one(script, tmp_path, data_dir, capsys):
@@ -92,19 +96,20 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(script, tmp_path, data_dir, 
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_resume_refuses_flags_that_would_change_the_model_or_the_data(script, tmp_path,
-                                                                     data_dir, capsys):
+def test_resume_keeps_the_checkpoints_flags_and_refuses_others(script, tmp_path, data_dir,
+                                                                capsys):
     out_dir = tmp_path / "out"
     assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
     saved = (out_dir / script.checkpoint).read_bytes()
-    for flags, message in ((["--latent-dim", "3"], "--latent-dim 3 differs"),
-                           (["--arch", "conv"], "--arch conv differs"),
-                           (["--data-dir", tmp_path], "--data-dir"),
-                           (["--dataset", "fashion_mnist"], "--dataset fashion_mnist differs"),
-                           (["--binarize", "static"], "--binarize static differs")):
+    for flags in (["--latent-dim", "3"], ["--arch", "conv"], ["--data-dir", tmp_path],
+                  ["--binarize", "static"], ["--seed", "1"], ["--steps-per-epoch", "9"]):
         code, err = call_main(script, ["--resume", "--out-dir", out_dir, *flags], capsys)
-        assert code == 1 and message in err and err.count("\n") == 1, err
-        assert (out_dir / script.checkpoint).read_bytes() == saved
+        assert code == 1 and f"{flags[0]}: a resumed run keeps the flags" in err, err
+        assert err.count("\n") == 1 and (out_dir / script.checkpoint).read_bytes() == saved
+    code, err = call_main(script, ["--resume", "--out-dir", out_dir, "--epochs", "2", "--lr",
+                                   "0.002", "--iw-samples", "2", "--device", "cpu"], capsys)
+    config = json.loads((out_dir / "metrics.json").read_text())["config"]
+    assert code == 0 and config["lr"] == 0.002 and config["steps_per_epoch"] == 3, err
 
 
 def test_epochs_0_with_resume_redraws_the_figures_from_the_checkpoint(script, tmp_path, data_dir,
@@ -128,7 +133,7 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_p
                                                                    capsys, monkeypatch):
     out_dir, kl_weight = tmp_path / "out", script.module.kl_weight
     monkeypatch.setattr(script.module, "kl_weight",  # a NaN loss in epoch 2
-                        lambda beta, warmup, epoch: float("nan") if epoch == 2 else 1.0)
+                        lambda args, epoch: float("nan") if epoch == 2 else 1.0)
     argv = quick(data_dir, out_dir, "--epochs", "3", "--lr", "0.002")
     code, err = call_main(script, argv, capsys)
     line = one_error_line(err)
@@ -149,9 +154,10 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_p
 
 def test_beta_and_the_kl_warm_up_weigh_the_kl_term_in_training(script, tmp_path, data_dir,
                                                                capsys):
-    runs = {"beta 0": ["--beta", "0"], "warm-up": ["--kl-warmup-epochs", "4"], "beta 1": []}
+    runs = {"beta 0": ["--beta", "0"], "warm-up": ["--kl-warmup-epochs", "10"], "beta 1": []}
     for name, flags in runs.items():
-        argv = quick(data_dir, tmp_path / name, "--epochs", "2", "--steps-per-epoch", "6", *flags)
+        argv = quick(data_dir, tmp_path / name, "--epochs", "2", "--batch-size", "16",
+                     "--steps-per-epoch", "13", *flags)
         assert call_main(script, argv, capsys)[0] == 0
     beta0, warmup, beta1 = (history(tmp_path / name) for name in runs)
     assert warmup[0] == beta0[0] != beta1[0]  # the first epoch of a warm-up has weight 0
@@ -165,17 +171,6 @@ def test_a_collapsed_posterior_is_warned_about(script, tmp_path, data_dir, capsy
 
 
 # --- nothing lost ------------------------------------------------------------------------------
-
-def test_a_run_never_writes_over_the_other_scripts_run(script, tmp_path, data_dir, capsys):
-    other = Script("keras" if script.name == "pytorch" else "pytorch")
-    out_dir = tmp_path / "out"
-    assert call_main(other, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
-    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
-    for flags in ([], ["--resume"]):
-        code, err = call_main(script, quick(data_dir, out_dir, "--epochs", "1", *flags), capsys)
-        assert code == 1 and f"holds a run of sample_{other.name}.py" in err, err
-    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
-
 
 def test_damaged_or_missing_checkpoints_are_refused_with_one_line(script, tmp_path, data_dir,
                                                                   capsys):
@@ -193,61 +188,29 @@ def test_damaged_or_missing_checkpoints_are_refused_with_one_line(script, tmp_pa
     assert code == 1 and "to resume; run without --resume" in err
 
 
-BAD_DATA = {  # how a good folder is spoilt -> what the one line says
-    "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte").unlink(),
-                     "no t10k-labels-idx1-ubyte"),
-    "truncated": (lambda d: (d / "t10k-images-idx3-ubyte").write_bytes(
-        (d / "t10k-images-idx3-ubyte").read_bytes()[:5000]), "truncated or corrupt"),
-    "corrupt gzip": (lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(
-        b"\x1f\x8b\x08\x00" + bytes(range(7, 71))), "cannot read it"),  # a zlib.error
-    "cut gzip": (lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
-        (d / "train-images-idx3-ubyte.gz").read_bytes()[:-9]), "cannot read it"),  # EOFError
-    "not an IDX file": (lambda d: (d / "t10k-images-idx3-ubyte").write_text("hello"),
-                        "bad magic number"),
-    "wrong image size": (lambda d: (d / "t10k-images-idx3-ubyte").write_bytes(
-        bytes([0, 0, 8, 3, 0, 0, 0, 60, 0, 0, 0, 32, 0, 0, 0, 32]) + bytes(60 * 1024)),
-                         "expected N 28x28 images and N labels"),
-    "count mismatch": (lambda d: (d / "t10k-labels-idx1-ubyte").write_bytes(
-        bytes([0, 0, 8, 1, 0, 0, 0, 59]) + bytes(59)), "expected N 28x28 images and N labels"),
-    "no such folder": (lambda d: d.rename(d.with_name("gone")), "no such folder"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_DATA)
-def test_bad_data_gets_one_line_and_creates_nothing(script, tmp_path, capsys, case):
-    spoil, message = BAD_DATA[case]
-    folder = Path(write_dataset(tmp_path / "data", gzipped=True))
-    spoil(folder)
-    code, err = call_main(script, ["--data-dir", folder, "--out-dir", tmp_path / "out"], capsys)
-    assert code == 1 and message in err and err.count("\n") == 1, err
-    assert not (tmp_path / "out").exists()
-
-
 def test_an_out_dir_that_cannot_be_written_is_refused_before_training(script, tmp_path, data_dir,
                                                                       capsys):
     (tmp_path / "file").write_text("x")
-    code, err = call_main(script, quick(data_dir, tmp_path / "file"), capsys)
-    assert code == 1 and "is a file" in err and err.count("\n") == 1
-    code, err = call_main(script, quick(data_dir, tmp_path / "file" / "out"), capsys)
-    assert code == 1 and "cannot write there" in err and err.count("\n") == 1
+    for out_dir in (tmp_path / "file", tmp_path / "file" / "out"):
+        code, err = call_main(script, quick(data_dir, out_dir), capsys)
+        assert code == 1 and f"cannot write {out_dir}" in err and err.count("\n") == 1, err
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_a_full_disk_leaves_the_files_already_there_intact(script, tmp_path, data_dir, capsys,
-                                                           monkeypatch):
+def test_a_full_disk_leaves_the_checkpoint_and_metrics_whole(script, tmp_path, data_dir, capsys,
+                                                            monkeypatch):
     out_dir = tmp_path / "out"
     assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
-    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    before = {name: (out_dir / name).read_bytes() for name in (script.checkpoint, "metrics.json")}
 
-    def disk_full(ax, path):  # half a file, then the error a full disk gives
-        with script.module.atomic_path(path) as tmp:
-            Path(tmp).write_bytes(b"\x89PNG half")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+    def disk_full(metrics, f, **kwargs):  # half a file, then the error a full disk gives
+        f.write("{half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
 
-    monkeypatch.setattr(script.module, "save_png", disk_full)
+    monkeypatch.setattr(script.module.json, "dump", disk_full)
     code, err = call_main(script, ["--resume", "--epochs", "0", "--out-dir", out_dir], capsys)
     assert code == 1 and "No space left on device" in err and err.count("\n") == 1
-    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+    assert before == {name: (out_dir / name).read_bytes() for name in before}
 
 
 # --- stops and concurrent runs, as a user causes them -------------------------------------------
@@ -266,73 +229,47 @@ def start(script, out_dir, data, *more, after_first_epoch=True):
     return process
 
 
+def stop(process, signum):
+    """Send signum; again if the first one was lost (a KeyboardInterrupt that lands in a
+    finalizer cannot be raised there, and Python only reports it); the stderr."""
+    process.send_signal(signum)
+    try:
+        return process.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signum)
+        return process.communicate(timeout=120)[1]
+
+
 @pytest.fixture(scope="module")
 def slow_data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("slow"), n_train=2000, n_test=50)
 
 
 @pytest.mark.subprocess
-def test_sigterm_stops_after_the_batch_and_the_printed_command_resumes(script, tmp_path,
-                                                                       slow_data):
+def test_sigterm_stops_at_once_and_the_printed_command_resumes(script, tmp_path, slow_data):
     process = start(script, tmp_path / "out", slow_data)
     time.sleep(0.3)  # into epoch 2
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    line = one_error_line(err)
-    assert process.returncode == 130 and "Traceback" not in err
-    assert "stopped by SIGTERM in epoch 2" in line and f"{script.checkpoint} keeps epoch 1" in line
+    line = one_error_line(stop(process, signal.SIGTERM))
+    assert process.returncode == 130
+    assert "stopped in epoch 2" in line and f"{script.checkpoint} keeps epoch 1" in line
     command = shlex.split(line.split("continue with: ")[1])
     assert command[0] == sys.executable  # the interpreter that ran it, not a bare python3
-    result = subprocess.run(command + ["--steps-per-epoch", "5"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert [r["epoch"] for r in history(tmp_path / "out")] == [1, 2, 3]
-
-
-def test_a_second_ctrl_c_that_lands_in_a_finalizer_prints_no_traceback(script, monkeypatch):
-    """Python cannot raise a signal handler's KeyboardInterrupt inside a finalizer (a weakref
-    callback, a __del__): it hands it to sys.unraisablehook, which prints a traceback. The
-    stop that the first signal asked for still comes, so a run drops those, and only those."""
-    reported = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(info.exc_type))
-
-    class Finalizer:
-        def __init__(self, error):
-            self.error = error
-
-        def __del__(self):
-            raise self.error
-
-    with script.module.stop_requests():
-        Finalizer(KeyboardInterrupt)  # collected at once
-        Finalizer(ValueError)
-    Finalizer(KeyboardInterrupt)  # after the run, Python's own handling again
-    assert reported == [ValueError, KeyboardInterrupt]
+    assert all(np.isfinite(w).all() for w in script.weights(tmp_path / "out" / script.checkpoint))
 
 
 @pytest.mark.subprocess
-def test_ctrl_c_twice_stops_at_once_and_before_any_epoch_nothing_is_promised(script, tmp_path,
-                                                                            slow_data):
-    process = start(script, tmp_path / "out", slow_data)
-    time.sleep(0.3)
-    for _ in range(2):
-        process.send_signal(signal.SIGINT)
-        time.sleep(0.05)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in err
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]
-    assert all(np.isfinite(w).all() for w in script.weights(tmp_path / "out" / script.checkpoint))
-    # Stopped in its first epoch, a run has saved nothing and says so.
+def test_ctrl_c_in_the_first_epoch_says_that_nothing_was_saved(script, tmp_path, slow_data):
     process = start(script, tmp_path / "fresh", slow_data, "--batch-size", "1",
                     after_first_epoch=False)
     while not (tmp_path / "fresh" / ".lock").exists():
         time.sleep(0.1)
-    time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    line = one_error_line(err)
+    time.sleep(1)
+    line = one_error_line(stop(process, signal.SIGINT))
     assert process.returncode == 130 and "nothing was saved yet: run the command again" in line
-    assert "--resume" not in line
+    assert "--resume" not in line and not (tmp_path / "fresh" / script.checkpoint).exists()
 
 
 @pytest.mark.subprocess
@@ -340,14 +277,14 @@ def test_a_second_run_in_the_same_out_dir_is_refused_and_a_killed_one_leaves_no_
         script, tmp_path, slow_data):
     out_dir = tmp_path / "out"
     first = start(script, out_dir, slow_data)
-    for other in ("pytorch", "keras"):
-        second = run_script(ROOT / f"sample_{other}.py", "--data-dir", slow_data, "--out-dir",
-                            out_dir, "--device", "cpu", "--resume")
-        line = one_error_line(second.stderr)
-        assert second.returncode == 1 and f"another run (process {first.pid}) is writing" in line
+    while not (out_dir / script.checkpoint).exists():
+        time.sleep(0.1)
+    second = run_script(script.file, "--resume", "--out-dir", out_dir)
+    line = one_error_line(second.stderr)
+    assert second.returncode == 1 and "another run is writing there" in line
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=60)
-    resumed = run_script(script.file, "--resume", "--out-dir", out_dir, "--steps-per-epoch", "5")
+    resumed = run_script(script.file, "--resume", "--out-dir", out_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["epoch"] for r in history(out_dir)] == [1, 2, 3]
 
