@@ -196,7 +196,8 @@ def iw_bound(model, x_test, num_samples, seed):
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     images, total = max(1, IW_ROWS // num_samples), 0.0
-    for x in progress(torch.from_numpy(x_test).to(device).split(images), num_samples):
+    batches = torch.from_numpy(x_test).to(device).split(images)
+    for x in progress(batches, len(batches), num_samples):
         eps = torch.randn((num_samples, len(x), model.latent_dim), generator=generator,
                           device=device)
         total += importance_weighted_nll(model, x.float() / 255, eps, IW_ROWS // images).sum()
@@ -240,11 +241,12 @@ def epoch_record(args, history, train, test, z_mean, start):
     return record
 
 
-def progress(batches, num_samples):
+def progress(batches, total, num_samples):
     """The bound's batches, announced on stdout, so that a log shows what runs, and behind a
     progress bar on a terminal."""
     print(f"importance-weighted bound: K={num_samples} samples for each test image", flush=True)
-    return tqdm(batches, desc=f"IW bound, K={num_samples}", leave=False, disable=None)
+    return tqdm(batches, desc=f"IW bound, K={num_samples}", total=total, leave=False,
+                disable=None)
 
 
 # Data (the same text in both scripts, but download) -------------------------------------------
@@ -396,8 +398,9 @@ def save_training_curves(path, history):
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
             ax.plot(range(1, len(history) + 1), values, style, label=label,
                     marker="" if len(history) > 50 else "o", markersize=3)
-        late = curves[:, len(history) // 10:]
-        ax.set_ylim(late.min() - 0.1 * np.ptp(late) - 1e-3, late.max() + 0.1 * np.ptp(late) + 1e-3)
+        if len(history) > 50:
+            late = curves[:, len(history) // 10:]
+            ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
         ax.set(title=title, xlabel="epoch", ylabel="nats per image")
         ax.legend()
         ax.grid(alpha=0.3)

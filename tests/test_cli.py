@@ -10,10 +10,11 @@ from conftest import ROOT, call_main, run_script
 
 # What each script writes for its own framework; every other top-level name that both
 # define must be the very same text in both.
-OWN = {"FRAMEWORK", "CHECKPOINT", "build_encoder", "build_decoder", "reparameterize", "VAE",
-       "negative_elbo", "importance_weighted_nll", "Batches", "train_epoch", "train", "evaluate",
-       "posterior_means", "iw_bound", "download", "save_checkpoint", "load_checkpoint",
-       "start_processes", "select_devices", "distribution", "main"}
+OWN = {"FRAMEWORK", "CHECKPOINT", "init", "build_encoder", "build_decoder", "reparameterize",
+       "VAE", "negative_elbo", "importance_weighted_nll", "Batches", "train_epoch", "train",
+       "evaluate", "posterior_means", "ImportanceWeightedBound", "iw_bound", "download",
+       "save_checkpoint", "load_checkpoint", "start_processes", "select_devices",
+       "distribution", "main"}
 
 
 def top_level(path):

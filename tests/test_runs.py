@@ -215,16 +215,16 @@ def test_a_full_disk_leaves_the_checkpoint_and_metrics_whole(script, tmp_path, d
 
 # --- stops and concurrent runs, as a user causes them -------------------------------------------
 
-def start(script, out_dir, data, *more, after_first_epoch=True):
+def start(script, out_dir, data, *more, until="epoch 1/3  "):
     """A run of three epochs of about a second each, started as a user would; returned once
-    its first epoch is done (or at once with after_first_epoch=False)."""
+    it has printed a line that starts with `until` (at once if None)."""
     process = subprocess.Popen(
         [sys.executable, str(script.file), "--data-dir", data, "--out-dir", out_dir,
          "--epochs", "3", "--batch-size", "2", "--device", "cpu", "--iw-samples", "1", *more],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout if after_first_epoch else ():
-        if line.startswith("epoch 1/3  "):
+    for line in process.stdout if until else ():
+        if line.startswith(until):
             break
     return process
 
@@ -242,7 +242,7 @@ def stop(process, signum):
 
 @pytest.fixture(scope="module")
 def slow_data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("slow"), n_train=2000, n_test=50)
+    return write_dataset(tmp_path_factory.mktemp("slow"), n_train=1000, n_test=50)
 
 
 @pytest.mark.subprocess
@@ -261,32 +261,23 @@ def test_sigterm_stops_at_once_and_the_printed_command_resumes(script, tmp_path,
 
 
 @pytest.mark.subprocess
-def test_ctrl_c_in_the_first_epoch_says_that_nothing_was_saved(script, tmp_path, slow_data):
-    process = start(script, tmp_path / "fresh", slow_data, "--batch-size", "1",
-                    after_first_epoch=False)
-    while not (tmp_path / "fresh" / ".lock").exists():
-        time.sleep(0.1)
-    time.sleep(1)
-    line = one_error_line(stop(process, signal.SIGINT))
-    assert process.returncode == 130 and "nothing was saved yet: run the command again" in line
-    assert "--resume" not in line and not (tmp_path / "fresh" / script.checkpoint).exists()
-
-
-@pytest.mark.subprocess
-def test_a_second_run_in_the_same_out_dir_is_refused_and_a_killed_one_leaves_no_lock(
-        script, tmp_path, slow_data):
-    out_dir = tmp_path / "out"
-    first = start(script, out_dir, slow_data)
-    while not (out_dir / script.checkpoint).exists():
-        time.sleep(0.1)
-    second = run_script(script.file, "--resume", "--out-dir", out_dir)
-    line = one_error_line(second.stderr)
-    assert second.returncode == 1 and "another run is writing there" in line
-    first.send_signal(signal.SIGKILL)
-    first.communicate(timeout=60)
-    resumed = run_script(script.file, "--resume", "--out-dir", out_dir)
-    assert resumed.returncode == 0, resumed.stderr
-    assert [r["epoch"] for r in history(out_dir)] == [1, 2, 3]
+def test_a_second_run_is_refused_a_killed_one_leaves_no_lock_and_ctrl_c_stops(script, tmp_path):
+    # An epoch of 20,000 steps: the first run is still in it when the others start.
+    data = write_dataset(tmp_path / "data", n_train=20000, n_test=50)
+    out_dir, training = tmp_path / "out", ("PyTorch ", "Keras ")  # printed once it has the lock
+    for attempt in ("killed", "stopped"):
+        first = start(script, out_dir, data, "--batch-size", "1", until=training)
+        if attempt == "killed":
+            second = start(script, out_dir, data, until=None)
+            line = one_error_line(second.communicate(timeout=120)[1])
+            assert second.returncode == 1 and "another run is writing there" in line
+            first.send_signal(signal.SIGKILL)  # the next attempt finds the lock free
+            first.communicate(timeout=60)
+        else:  # stopped in its first epoch, a run has saved nothing and says so
+            time.sleep(1)
+            line = one_error_line(stop(first, signal.SIGINT))
+            assert first.returncode == 130 and "nothing was saved yet: run the command" in line
+            assert "--resume" not in line and not (out_dir / script.checkpoint).exists()
 
 
 @pytest.mark.subprocess
