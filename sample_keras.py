@@ -591,9 +591,8 @@ def one_line_errors(args, history):
     raise SystemExit(code)
 
 
-def parse_args(argv=None):
-    """(args, given): every flag's value, and the names of those typed (a resumed run takes
-    the others from its checkpoint)."""
+def build_parser():
+    """The flags, the same in both scripts; --help is their reference."""
     parser = argparse.ArgumentParser(
         prog=f"sample_{FRAMEWORK}.py", usage="%(prog)s [options]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -625,6 +624,13 @@ def parse_args(argv=None):
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
     add("--resume", action="store_true", help="continue the run whose checkpoint is in "
         "--out-dir, with its flags but --epochs, --iw-samples, --device and --lr")
+    return parser
+
+
+def parse_args(argv=None):
+    """(args, given): every flag's value, checked, and the names of those typed (a resumed
+    run takes the others from its checkpoint)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     lowest = {"epochs": 0 if args.resume else 1, "batch_size": 1, "latent_dim": 2, "beta": 0,
               "kl_warmup_epochs": 0, "iw_samples": 1, "seed": 0, "steps_per_epoch": 1}
