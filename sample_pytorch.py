@@ -22,14 +22,17 @@ Everything lands in --out-dir (default outputs/pytorch); --help lists every flag
 
 import argparse
 import contextlib
+import gzip
 import json
 import math
 import os
 import shlex
 import signal
+import struct
 import sys
 import time
 import zipfile
+import zlib
 from statistics import NormalDist
 
 import numpy as np
@@ -257,23 +260,19 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
+IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
 
 
 def load_data(args):
     """(x_train, y_train, x_test, y_test): uint8 numpy arrays, images as rows of 784 pixels,
-    from DATASET.npz (Keras's layout) in --data-dir or data/, else downloaded. The test set
-    is binarized once if training is; --binarize static draws the training set once."""
-    path = os.path.join(args.data_dir or DATA_DIR, f"{args.dataset}.npz")
-    if not args.data_dir and not os.path.isfile(path):
-        arrays = download(args.dataset)
+    from --data-dir or data/, else downloaded. The test set is binarized once if training is;
+    --binarize static draws the training set once."""
+    folder = args.data_dir or DATA_DIR
+    if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
+        path, arrays = read_folder(folder, args.dataset)
     else:
-        try:
-            with np.load(path) as data:
-                arrays = [data[key] for key in ("x_train", "y_train", "x_test", "y_test")]
-        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
-            reason = " ".join(f"{type(error).__name__}: {error}".split())
-            raise UserError(f"{path}: cannot read it ({reason}); expected the arrays x_train, "
-                            "y_train, x_test and y_test, as in Keras's mnist.npz")
+        path, arrays = args.dataset, download(args.dataset)
     x_train, y_train, x_test, y_test = arrays
     if (x_train.shape[1:], x_test.shape[1:], len(y_train), len(y_test)) != (
             (28, 28), (28, 28), len(x_train), len(x_test)):
@@ -284,6 +283,33 @@ def load_data(args):
     if args.binarize != "none":
         x_test = binarize(x_test, seed=5678)  # the same pixels in every run
     return x_train, y_train, x_test, y_test
+
+
+def read_folder(folder, dataset):
+    """(what was read, the four arrays) from DATASET.npz in `folder` (Keras's layout), else
+    from MNIST's four IDX files there (torchvision's and the original's layout), gzipped or
+    not: a magic number, the sizes, the bytes."""
+    path = os.path.join(folder, f"{dataset}.npz")
+    try:
+        if os.path.isfile(path):
+            with np.load(path) as data:
+                return path, [data[key] for key in IDX_FILES]
+        arrays = []
+        for name in IDX_FILES.values():
+            path = os.path.join(folder, name + ".gz")
+            path = path if os.path.isfile(path) else path[:-3]
+            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+                data = bytearray(f.read())  # writable, as torch.from_numpy wants it
+            if data[:3] != b"\x00\x00\x08":
+                raise ValueError("not an IDX file of bytes")
+            shape = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
+            arrays.append(np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape))
+        return folder, arrays
+    except (OSError, EOFError, KeyError, ValueError, struct.error, zlib.error,
+            zipfile.BadZipFile) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise UserError(f"{path}: cannot read it ({reason}); expected {dataset}.npz with the "
+                        "arrays x_train, y_train, x_test, y_test, or MNIST's four IDX files")
 
 
 def binarize(images, seed):
@@ -569,7 +595,8 @@ def build_parser():
         "framework sees one")
     add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="mnist is shipped in "
         "data/, fashion_mnist downloaded")
-    add("--data-dir", help="read DATASET.npz (Keras's layout) from this folder instead")
+    add("--data-dir", help="read DATASET.npz (Keras's layout), or MNIST's four IDX files, "
+        "from this folder instead")
     add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
         "metrics.json and the checkpoint go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")

@@ -5,8 +5,9 @@ import ast
 import shutil
 import sys
 
+import numpy as np
 import pytest
-from conftest import ROOT, call_main, run_script
+from conftest import ROOT, call_main, run_script, write_idx
 
 # What each script writes for its own framework; every other top-level name that both
 # define must be the very same text in both.
@@ -82,7 +83,9 @@ def test_bad_flags_get_one_line_and_status_2_before_any_work(script, tmp_path, c
 @pytest.mark.subprocess
 def test_a_script_copied_alone_into_an_empty_folder_runs(script, tmp_path, data_dir):
     shutil.copy(script.file, tmp_path)
-    result = run_script(tmp_path / script.file.name, "--data-dir", data_dir, "--epochs", "1",
-                        "--steps-per-epoch", "2", "--iw-samples", "1", cwd=tmp_path)
+    with np.load(f"{data_dir}/mnist.npz") as data:  # MNIST's original layout, the four IDX files
+        write_idx(tmp_path / "idx", {key: data[key] for key in data})
+    result = run_script(tmp_path / script.file.name, "--data-dir", tmp_path / "idx", "--epochs",
+                        "1", "--steps-per-epoch", "2", "--iw-samples", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "outputs" / script.name / "metrics.json").is_file()
