@@ -23,18 +23,13 @@ Everything lands in --out-dir (default outputs/keras); --help lists every flag.
 
 import argparse
 import contextlib
-import gzip
 import json
 import math
 import os
 import shlex
 import signal
-import struct
 import sys
 import time
-import zipfile
-import zlib
-from statistics import NormalDist
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices at start-up
 
@@ -43,11 +38,6 @@ import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-
-try:
-    import fcntl  # to lock --out-dir; Windows has none, and runs unlocked
-except ImportError:
-    fcntl = None
 
 FRAMEWORK, CHECKPOINT = "keras", "checkpoint.keras"
 
@@ -59,8 +49,7 @@ HIDDEN = 256  # width of the fully connected layer next to z, in both architectu
 def init(fan_in):
     """Weights and biases uniform in +-1/sqrt(fan_in), PyTorch's default: a default run from
     Keras's own (Glorot, zero biases) ended 2.1 nats worse (142.56 against 140.48)."""
-    bound = 1 / math.sqrt(fan_in)
-    uniform = keras.initializers.RandomUniform(-bound, bound)
+    uniform = keras.initializers.RandomUniform(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
     return {"kernel_initializer": uniform, "bias_initializer": uniform}
 
 
@@ -68,16 +57,14 @@ def build_encoder(arch):
     """x (N, 784) -> features (N, HIDDEN); two dense heads turn them into z_mean, z_log_var."""
     if arch == "mlp":
         return keras.Sequential([layers.Dense(512, activation="relu", **init(784)),
-                                 layers.Dense(HIDDEN, activation="relu", **init(512))],
-                                name="encoder")
+                                 layers.Dense(HIDDEN, activation="relu", **init(512))])
     # Kernel 4, stride 2 and padding "same" halve 28 -> 14 -> 7 with the windows where
     # PyTorch's padding=1 puts them, so both scripts compute the same function.
     return keras.Sequential([
         layers.Reshape((28, 28, 1)),
         layers.Conv2D(32, 4, strides=2, padding="same", activation="relu", **init(16)),
         layers.Conv2D(64, 4, strides=2, padding="same", activation="relu", **init(32 * 16)),
-        layers.Flatten(), layers.Dense(HIDDEN, activation="relu", **init(64 * 7 * 7))],
-        name="encoder")
+        layers.Flatten(), layers.Dense(HIDDEN, activation="relu", **init(64 * 7 * 7))])
 
 
 def build_decoder(arch, latent_dim):
@@ -85,15 +72,14 @@ def build_decoder(arch, latent_dim):
     if arch == "mlp":
         return keras.Sequential([layers.Dense(HIDDEN, activation="relu", **init(latent_dim)),
                                  layers.Dense(512, activation="relu", **init(HIDDEN)),
-                                 layers.Dense(784, **init(512))], name="decoder")
+                                 layers.Dense(784, **init(512))])
     # A transposed convolution's fan-in, as PyTorch counts it: output channels times 4 x 4.
     return keras.Sequential([
         layers.Dense(HIDDEN, activation="relu", **init(latent_dim)),
         layers.Dense(7 * 7 * 64, activation="relu", **init(HIDDEN)), layers.Reshape((7, 7, 64)),
         layers.Conv2DTranspose(32, 4, strides=2, padding="same", activation="relu",
                                **init(32 * 16)),
-        layers.Conv2DTranspose(1, 4, strides=2, padding="same", **init(16)), layers.Flatten()],
-        name="decoder")
+        layers.Conv2DTranspose(1, 4, strides=2, padding="same", **init(16)), layers.Flatten()])
 
 
 def reparameterize(z_mean, z_log_var, eps):
@@ -103,19 +89,19 @@ def reparameterize(z_mean, z_log_var, eps):
 
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
-    def __init__(self, arch="mlp", latent_dim=2, **kwargs):
+    def __init__(self, arch="mlp", latent_dim=2, training_state=None, **kwargs):
         super().__init__(**kwargs)
         self.arch, self.latent_dim = arch, latent_dim
+        self.training_state = training_state  # the flags and the history, saved in the config
         self.encoder = build_encoder(arch)
-        self.z_mean = layers.Dense(latent_dim, name="z_mean", **init(HIDDEN))
-        self.z_log_var = layers.Dense(latent_dim, name="z_log_var", **init(HIDDEN))
+        self.z_mean = layers.Dense(latent_dim, **init(HIDDEN))
+        self.z_log_var = layers.Dense(latent_dim, **init(HIDDEN))
         self.decoder = build_decoder(arch, latent_dim)
         self.seed_generator = keras.random.SeedGenerator()  # eps; train() reseeds it each epoch
-        self.kl_weight = keras.Variable(1.0, trainable=False, name="kl_weight")  # set per epoch
+        self.kl_weight = keras.Variable(1.0, trainable=False)  # train() sets it each epoch
         # fit() reports "loss" itself; these report its two terms, per image.
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
-        self.training_state = "{}"  # JSON of the flags and the history, saved with the model
 
     def encode(self, x):
         features = self.encoder(x)
@@ -136,15 +122,8 @@ class VAE(keras.Model):
         return ops.mean(reconstruction_loss + (self.kl_weight if training else 1.0) * kl_loss)
 
     def get_config(self):
-        return {**super().get_config(), "arch": self.arch, "latent_dim": self.latent_dim}
-
-    def save_assets(self, dir_path):  # so that one .keras file holds all a resume needs
-        with open(os.path.join(dir_path, "training_state.json"), "w") as f:
-            f.write(self.training_state)
-
-    def load_assets(self, dir_path):
-        with open(os.path.join(dir_path, "training_state.json")) as f:
-            self.training_state = f.read()
+        return {**super().get_config(), "arch": self.arch, "latent_dim": self.latent_dim,
+                "training_state": self.training_state}
 
 
 # Loss: the two terms of -ELBO, and the importance-weighted bound ------------------------------
@@ -182,10 +161,10 @@ class Batches(keras.utils.PyDataset):
     """One epoch's float batches for fit(), in epoch_order(), drawn afresh as binary pixels
     under --binarize dynamic from the seed, the epoch and the step alone."""
 
-    def __init__(self, x_train, args, epoch, replicas=1):
+    def __init__(self, x_train, args, epoch):
         super().__init__()
         self.x_train, self.args, self.epoch = x_train, args, epoch
-        self.order = epoch_order(args, epoch, len(x_train), replicas)
+        self.order = epoch_order(args, epoch, len(x_train))
 
     def __len__(self):
         return -(-len(self.order) // self.args.batch_size)
@@ -197,36 +176,36 @@ class Batches(keras.utils.PyDataset):
         return x / np.float32(255)
 
 
-def train(model, optimizer, x_train, x_test, args, history):
-    """Epochs len(history) + 1 to --epochs, each one fit() of one epoch, evaluated, printed and
-    checkpointed. On several devices each takes its share of every batch."""
-    replicas = len(select_devices(args.device))
-    steps = len(Batches(x_train, args, 1, replicas))
+def train(model, optimizer, data, args, history):
+    """Epochs len(history) + 1 to --epochs on data = (x_train, x_test), each trained, evaluated,
+    printed and checkpointed; on several devices each takes its share of every batch."""
+    x_train, x_test = data
+    steps = len(Batches(x_train, args, 1))
     # Several steps per compiled call, as many as divide an epoch (torch and tf.distribute: one).
-    most = 1 if keras.backend.backend() == "torch" or replicas > 1 else 8
-    model.compile(optimizer=optimizer, steps_per_execution=max(
-        d for d in range(1, most + 1) if steps % d == 0))
+    most = 1 if keras.backend.backend() == "torch" or len(devices(args.device)) > 1 else 8
+    model.compile(optimizer, steps_per_execution=max(d for d in range(1, most + 1)
+                                                     if steps % d == 0))
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
         state = model.seed_generator.state  # the epoch's noise: nothing to save
         state.assign(np.array([hash((args.seed, epoch)) % 2**31, 0], state.dtype))
         model.kl_weight.assign(kl_weight(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
-        logs = model.fit(Batches(x_train, args, epoch, replicas), shuffle=False,
-                         verbose=0).history
+        logs = model.fit(Batches(x_train, args, epoch), shuffle=False, verbose=0).history
         test = model.evaluate(x_test / np.float32(255), batch_size=EVAL_BATCH_SIZE, verbose=0,
                               return_dict=True)
-        record = epoch_record(args, history, [logs["reconstruction_loss"][0], logs["kl_loss"][0]],
-                              [test["reconstruction_loss"], test["kl_loss"]],
-                              posterior_means(model, x_test), start)
+        losses = ([logs["reconstruction_loss"][0], logs["kl_loss"][0]],
+                  [test["reconstruction_loss"], test["kl_loss"]])
+        record = epoch_record(args, history, losses, posterior_means(model, x_test),
+                              time.perf_counter() - start)
         save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, args, history + [record])
         history.append(record)  # once saved: a stop reports what the checkpoint holds
 
 
 def posterior_means(model, x_test):
     """Every test image's z_mean (numpy)."""
-    return np.concatenate([ops.convert_to_numpy(model.encode(x / np.float32(255))[0])
-                           for x in np.array_split(x_test, -(-len(x_test) // EVAL_BATCH_SIZE))])
+    features = model.encoder.predict(x_test / np.float32(255), EVAL_BATCH_SIZE, verbose=0)
+    return ops.convert_to_numpy(model.z_mean(features))
 
 
 class ImportanceWeightedBound(keras.Model):
@@ -245,14 +224,12 @@ class ImportanceWeightedBound(keras.Model):
 
 
 def iw_bound(model, x_test, num_samples, seed):
-    """The importance-weighted bound on -log p(x), averaged over the test set (uint8 numpy),
-    with noise of its own seed: a checkpoint's bound redrawn gives the same number."""
+    """The importance-weighted bound on -log p(x) over the test set, from noise of its own seed."""
     images = max(1, IW_ROWS // num_samples)
     bound = ImportanceWeightedBound(model, num_samples, seed, IW_ROWS // images)
-    with progress(None, -(-len(x_test) // images), num_samples) as bar:
+    with progress(range(-(-len(x_test) // images)), num_samples) as bar:
         tick = keras.callbacks.LambdaCallback(on_predict_batch_end=lambda *_, **__: bar.update())
-        nll = bound.predict(x_test / np.float32(255), batch_size=images, verbose=0,
-                            callbacks=[tick])
+        nll = bound.predict(x_test / np.float32(255), images, verbose=0, callbacks=[tick])
     return float(np.mean(nll, dtype=np.float64))
 
 
@@ -265,40 +242,36 @@ def kl_weight(args, epoch):
 
 
 def active_units(z_mean):
-    """Latent dimensions whose posterior mean varies over the data by more than 0.01 (Burda et
-    al., 2015): those the model uses; none means that q(z|x) has collapsed onto the prior."""
+    """Latent dimensions whose z_mean varies by more than 0.01 over the data (Burda et al.)."""
     return int((np.var(z_mean, axis=0) > 0.01).sum())
 
 
-def epoch_record(args, history, train, test, z_mean, start):
-    """The next epoch's entry in the history, from both splits' (reconstruction_loss, kl_loss),
-    printed; a loss that is NaN or infinite stops before it reaches the checkpoint."""
-    epoch, resume = len(history) + 1, resume_command(args.out_dir)
-    if not math.isfinite(sum(train)):
-        raise UserError(f"the loss became NaN or infinite in epoch {epoch} at --lr {args.lr:g}; "
-                        + (f"{CHECKPOINT} keeps epoch {epoch - 1}: continue with a lower one: "
-                           f"{resume} --lr {args.lr / 2:g}" if history else "try a lower --lr"))
+def epoch_record(args, history, losses, z_mean, seconds):
+    """The next epoch's history entry from both splits' (reconstruction_loss, kl_loss), printed;
+    a NaN or infinite loss stops the run before it reaches the checkpoint."""
+    epoch = len(history) + 1
+    if not math.isfinite(sum(losses[0])):
+        raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
+                        f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
-    for split, (reconstruction_loss, kl_loss) in (("train", train), ("test", test)):
+    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), losses):
         record.update({f"{split}_loss": reconstruction_loss + kl_loss,  # the true -ELBO
                        f"{split}_reconstruction_loss": reconstruction_loss,
                        f"{split}_kl_loss": kl_loss})
-    record.update(active_units=active_units(z_mean), seconds=time.perf_counter() - start)
+    record.update(active_units=active_units(z_mean), seconds=seconds)
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}  test loss "
-          f"{record['test_loss']:.2f} (rec {test[0]:.2f} + kl {test[1]:.2f})  "
-          f"{record['active_units']} active units  {record['seconds']:.1f} s", flush=True)
+          f"{record['test_loss']:.2f} (rec {losses[1][0]:.2f} + kl {losses[1][1]:.2f})  "
+          f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
     if record["active_units"] == 0:
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
               file=sys.stderr, flush=True)
     return record
 
 
-def progress(batches, total, num_samples):
-    """The bound's batches, announced on stdout, so that a log shows what runs, and behind a
-    progress bar on a terminal."""
+def progress(batches, num_samples):
+    """The bound's batches, announced on stdout for logs, with a progress bar on a terminal."""
     print(f"importance-weighted bound: K={num_samples} samples for each test image", flush=True)
-    return tqdm(batches, desc=f"IW bound, K={num_samples}", total=total, leave=False,
-                disable=None)
+    return tqdm(batches, f"IW bound, K={num_samples}", leave=False, disable=None)
 
 
 # Data (the same text in both scripts, but download) -------------------------------------------
@@ -309,17 +282,20 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
-IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
 
 
 def load_data(args):
     """(x_train, y_train, x_test, y_test): uint8 numpy arrays, images as rows of 784 pixels,
-    from --data-dir or data/, else downloaded. The test set is binarized once if training is;
-    --binarize static draws the training set once."""
-    folder = args.data_dir or DATA_DIR
-    if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
-        path, arrays = read_folder(folder, args.dataset)
+    from DATASET.npz (Keras's layout) in --data-dir or data/, else downloaded; binarized once
+    under --binarize static, and the test set under dynamic too."""
+    path = os.path.join(args.data_dir or DATA_DIR, f"{args.dataset}.npz")
+    if args.data_dir or os.path.isfile(path):
+        try:
+            with np.load(path) as data:
+                arrays = [data[key] for key in ("x_train", "y_train", "x_test", "y_test")]
+        except Exception as error:  # numpy raises many types for a damaged or foreign file
+            raise UserError(f"{path}: cannot read it ({type(error).__name__}: {error}); expected "
+                            "an npz file of x_train, y_train, x_test, y_test")
     else:
         path, arrays = args.dataset, download(args.dataset)
     x_train, y_train, x_test, y_test = arrays
@@ -334,46 +310,16 @@ def load_data(args):
     return x_train, y_train, x_test, y_test
 
 
-def read_folder(folder, dataset):
-    """(what was read, the four arrays) from DATASET.npz in `folder` (Keras's layout), else
-    from MNIST's four IDX files there (torchvision's and the original's layout), gzipped or
-    not: a magic number, the sizes, the bytes."""
-    path = os.path.join(folder, f"{dataset}.npz")
-    try:
-        if os.path.isfile(path):
-            with np.load(path) as data:
-                return path, [data[key] for key in IDX_FILES]
-        arrays = []
-        for name in IDX_FILES.values():
-            path = os.path.join(folder, name + ".gz")
-            path = path if os.path.isfile(path) else path[:-3]
-            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-                data = bytearray(f.read())  # writable, as torch.from_numpy wants it
-            if data[:3] != b"\x00\x00\x08":
-                raise ValueError("not an IDX file of bytes")
-            shape = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
-            arrays.append(np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape))
-        return folder, arrays
-    except (OSError, EOFError, KeyError, ValueError, struct.error, zlib.error,
-            zipfile.BadZipFile) as error:
-        reason = " ".join(f"{type(error).__name__}: {error}".split())
-        raise UserError(f"{path}: cannot read it ({reason}); expected {dataset}.npz with the "
-                        "arrays x_train, y_train, x_test, y_test, or MNIST's four IDX files")
-
-
 def binarize(images, seed):
     """Each uint8 pixel v becomes 255 with probability v / 255, else 0."""
     noise = np.random.default_rng(seed).integers(0, 255, images.shape, dtype=np.uint8)
     return np.where(noise < images, 255, 0).astype(np.uint8)
 
 
-def epoch_order(args, epoch, num_images, replicas=1):
-    """The training images of `epoch` in the order they are used: a permutation of --seed and
-    the epoch alone (so a resumed run goes on exactly), cut to --steps-per-epoch batches and
-    to a multiple of the replicas that share each batch."""
+def epoch_order(args, epoch, num_images):
+    """The epoch's order of the training images, from --seed and the epoch alone (for resume)."""
     order = np.random.default_rng([args.seed, epoch]).permutation(num_images)
-    order = order[:args.steps_per_epoch * args.batch_size] if args.steps_per_epoch else order
-    return order[:len(order) // replicas * replicas]
+    return order[:args.steps_per_epoch * args.batch_size] if args.steps_per_epoch else order
 
 
 def download(dataset):
@@ -388,11 +334,11 @@ def download(dataset):
 
 # Figures (the same text in both scripts) ------------------------------------------------------
 
-def save_figures(args, history, x_test, y_test, z_mean, decode):
-    """The six pictures of a trained model, from the test set (uint8), its z_mean and
-    decode(z) -> pixel means (numpy in and out); each decodes its whole batch in one call."""
-    names, x = CLASS_NAMES[args.dataset], x_test / np.float32(255)
-    path = lambda name: os.path.join(args.out_dir, name)
+def save_figures(args, history, test, z_mean, decode):
+    """The six pictures, from test = (x_test uint8, y_test), its z_mean and decode(z) -> pixel
+    means (numpy in and out); each decodes its whole batch in one call."""
+    (x, labels), names = test, CLASS_NAMES[args.dataset]
+    x, path = x / np.float32(255), lambda name: os.path.join(args.out_dir, name)
     rows = np.concatenate([x[:10], decode(z_mean[:10]), x[10:20], decode(z_mean[10:20])])
     mosaic(rows, 10, "test digits and their reconstructions (at z_mean)",
            ["test digit", "reconstruction"] * 2).figure.savefig(path("reconstructions.png"))
@@ -401,24 +347,24 @@ def save_figures(args, history, x_test, y_test, z_mean, decode):
         path("samples.png"))
     # Rows from the first test digit of class k to the first of class k + 1, through the
     # decoder along the straight line between their z_mean.
-    starts, ends = (np.array([np.argmax(y_test == k + d) for k in range(8)]) for d in (0, 1))
+    starts, ends = (np.array([np.argmax(labels == k + d) for k in range(8)]) for d in (0, 1))
     steps = np.linspace(0.0, 1.0, 10, dtype=np.float32)[None, :, None]
     line = ((1 - steps) * z_mean[starts, None] + steps * z_mean[ends, None]).reshape(80, -1)
     rows = np.concatenate([x[starts, None], decode(line).reshape(8, 10, 784), x[ends, None]], 1)
     ax = mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line "
                 "between their z_mean | real digit",
-                [f"{names[y_test[a]]} to {names[y_test[b]]}" for a, b in zip(starts, ends)])
+                [f"{names[labels[a]]} to {names[labels[b]]}" for a, b in zip(starts, ends)])
     for column in (1, 11):
         ax.axvline(column * 28 - 0.5, color="tab:orange", linewidth=2)
     ax.figure.savefig(path("interpolation.png"))
-    save_latent_plots(args, z_mean, y_test, decode)
+    save_latent_plots(args, z_mean, labels, decode)
     save_training_curves(path("training_curves.png"), history)
 
 
 def save_latent_plots(args, z_mean, labels, decode):
     """latent_space.png, the test set's z_mean by class (in a random order, so that no class
-    hides another), and latent_manifold.png, the decoder on a grid of Gaussian quantiles;
-    both along the axes of z, or its two principal directions when latent_dim > 2."""
+    hides another), and latent_manifold.png, the decoder on a grid over [-2, 2]^2; both along
+    the axes of z, or along its two principal directions when latent_dim > 2."""
     directions, axes = np.eye(2, dtype=np.float32), ("z[0]", "z[1]")
     if args.latent_dim > 2:
         directions = np.linalg.svd(z_mean - z_mean.mean(0), full_matrices=False)[2][:2].T
@@ -434,26 +380,25 @@ def save_latent_plots(args, z_mean, labels, decode):
     ax.set_aspect("equal", adjustable="datalim")
     ax.figure.savefig(os.path.join(args.out_dir, "latent_space.png"))
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
-    q = np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, 20)], np.float32)
-    first, second = (a.reshape(-1, 1) for a in np.meshgrid(q, q[::-1]))
-    ax = mosaic(decode(first * directions[:, 0] + second * directions[:, 1]), 20,
-                "decoder means on a grid of Gaussian quantiles (5% to 95%) of z")
-    ticks = np.array([0, 5, 10, 14, 19])
-    ax.set(xticks=ticks * 28 + 14, xticklabels=[f"{q[i]:.2f}" for i in ticks], xlabel=axes[0],
-           yticks=ticks * 28 + 14, yticklabels=[f"{q[::-1][i]:.2f}" for i in ticks],
-           ylabel=axes[1])
+    first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
+    grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
+    ax = mosaic(decode(grid.astype(np.float32)), 20, "decoder means on a grid of z",
+                extent=(-2, 2, -2, 2))
+    ax.set(xlabel=axes[0], ylabel=axes[1])
     ax.figure.savefig(os.path.join(args.out_dir, "latent_manifold.png"))
 
 
-def mosaic(images, cols, title, row_labels=()):
-    """Axes of a new figure showing (N, 784) images in rows of `cols`, a label per row if given."""
+def mosaic(images, cols, title, row_labels=(), extent=None):
+    """Axes of a new figure showing (N, 784) images in rows of `cols`, with a label per row, or
+    with the coordinates `extent` on both axes."""
     rows = len(images) // cols
     pixels = np.asarray(images).reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3)
     ax = Figure(figsize=(cols * 28 / 45 + 1.6, rows * 28 / 45 + 0.6), layout="tight").subplots()
     ax.imshow(pixels.reshape(rows * 28, cols * 28), cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
-    ax.set(title=title, xticks=[])
-    ax.set_yticks(np.arange(len(row_labels)) * 28 + 14, row_labels)
+              interpolation="nearest", extent=extent)
+    if extent is None:
+        ax.set(xticks=[], yticks=np.arange(len(row_labels)) * 28 + 14, yticklabels=row_labels)
+    ax.set_title(title)
     return ax
 
 
@@ -466,8 +411,7 @@ def save_training_curves(path, history):
     for ax, (key, title) in zip(fig.subplots(1, 3), titles.items()):
         curves = np.array([[r[f"{split}_{key}"] for r in history] for split in ("train", "test")])
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
-            ax.plot(range(1, len(history) + 1), values, style, label=label,
-                    marker="" if len(history) > 50 else "o", markersize=3)
+            ax.plot(range(1, len(history) + 1), values, style, label=label)
         if len(history) > 50:
             late = curves[:, len(history) // 10:]
             ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
@@ -480,32 +424,30 @@ def save_training_curves(path, history):
 # Checkpoint, resume and devices ---------------------------------------------------------------
 
 def save_checkpoint(path, model, args, history):
-    """The weights, Adam's state, the flags and the history in one .keras file, written to a
-    temporary file and renamed: a kill at any instant leaves the previous checkpoint whole."""
-    model.training_state = json.dumps({"config": vars(args), "history": history})
+    """Weights, Adam, flags and history, renamed into place: a kill never leaves half a file."""
+    model.training_state = {"config": vars(args), "history": history}
     model.save(path + ".tmp.keras")  # Keras wants the suffix
     os.replace(path + ".tmp.keras", path)
 
 
 def load_checkpoint(path):
-    """(model, state): the trained VAE with Adam's state, and the dict of the flags and the
-    history. Needs neither the data nor the device that trained it."""
+    """(model with its Adam, dict of flags and history): needs no data and no GPU."""
     try:
         model = keras.saving.load_model(path)
-        state = json.loads(model.training_state)
     except Exception as error:  # Keras raises many types for a damaged archive
         raise UserError(f"{path} is truncated or corrupt ({type(error).__name__}); delete it "
                         "to start afresh")
-    return model, state
+    return model, model.training_state
 
 
-def select_devices(name):
-    """--device -> the devices to train on: every GPU the backend sees, else the CPU's; one
-    device under torch, where Keras has no data parallelism."""
+def devices(name):
+    """--device -> the devices to train on: every GPU the backend sees, else the CPU's (one
+    device under torch, where Keras has no data parallelism)."""
     if keras.backend.backend() == "torch":
         import torch
-        gpus, cpus = [torch.accelerator.current_accelerator().type] if (
-            torch.accelerator.is_available()) else [], ["cpu"]
+        gpus = [torch.accelerator.current_accelerator().type] if (
+            torch.accelerator.is_available()) else []
+        cpus = ["cpu"]
     else:
         gpus, cpus = (keras.distribution.list_devices(kind) for kind in ("gpu", "cpu"))
     if name == "gpu" and not gpus:
@@ -514,14 +456,16 @@ def select_devices(name):
     return gpus if gpus and name != "cpu" else cpus
 
 
-def distribution(devices, batch_size):
+def distribution(names, batch_size):
     """The scope to build, load and train the model in: one device, or several, data-parallel
     with TensorFlow's MirroredStrategy, each step's batch split evenly between them."""
-    if len(devices) == 1:
-        return keras.device(devices[0])
-    check_batch_size(batch_size, len(devices))
+    if len(names) == 1:
+        return keras.device(names[0])
+    if batch_size % len(names):
+        raise UserError(f"--batch-size {batch_size} does not split evenly over "
+                        f"{len(names)} devices")
     import tensorflow as tf
-    return tf.distribute.MirroredStrategy([f"/{d}" for d in devices]).scope()
+    return tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
 
 
 # The rest of this section is the same text in both scripts.
@@ -539,44 +483,19 @@ def resume_flags(args, given, saved):
     if args.resume and fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')}: a resumed run keeps the flags of its "
                         "checkpoint but --epochs, --iw-samples, --device and --lr")
-    if args.resume:
+    if args.resume:  # --epochs up to those done: no training, the figures and bound redrawn
         vars(args).update({k: v for k, v in saved["config"].items() if k not in given})
-        args.epochs = args.epochs or done  # --epochs 0: redraw the figures only
-    if args.epochs < done:
-        raise UserError(f"--epochs {args.epochs}: the checkpoint already holds {done} epochs; "
-                        f"pass --epochs {done} or more, or 0 to redraw the figures")
-
-
-def check_batch_size(batch_size, replicas):
-    if batch_size % replicas:
-        raise UserError(f"--batch-size {batch_size} does not split evenly over {replicas} "
-                        f"devices; pick a multiple of {replicas}")
-
-
-def lock_out_dir(out_dir):
-    """Create --out-dir and lock it, so that a second run there is refused at once; the lock
-    goes with the process, however it ends."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, ".lock"), "w")
-    try:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserError(f"--out-dir {out_dir}: another run is writing there; wait for it to "
-                        "end, or pick another --out-dir")
-    return lock
+        args.epochs = max(args.epochs, done)
 
 
 def write_metrics(args, run, history, iw_nll):
-    """metrics.json, renamed into place once whole: the run (framework, backend, device,
-    versions, timing), every flag, the history, and the final test figures with the bound."""
+    """metrics.json, renamed into place once whole: the run, the flags, history and results."""
     test = {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss",
                                                          "kl_loss")}
-    path = os.path.join(args.out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
+    with open(os.path.join(args.out_dir, "metrics.json.tmp"), "w") as f:
         json.dump({**run, "config": vars(args), "history": history,
                    "test": {**test, "iw_nll": iw_nll, "iw_samples": args.iw_samples}}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    os.replace(f.name, f.name[:-4])
     print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {iw_nll:.2f} nats per "
           f"image; test loss {test['loss']:.2f}; figures, metrics.json and {CHECKPOINT} in "
           f"{args.out_dir}")
@@ -586,12 +505,6 @@ def write_metrics(args, run, history, iw_nll):
 
 class UserError(Exception):
     """A mistake the user can fix: main() prints it as one line and exits with status 1."""
-
-
-def resume_command(out_dir):
-    """The command that continues this run, runnable as printed (this very interpreter)."""
-    script = os.path.relpath(os.path.abspath(__file__))
-    return shlex.join([sys.executable, script, "--resume", "--out-dir", out_dir])
 
 
 @contextlib.contextmanager
@@ -606,10 +519,10 @@ def one_line_errors(args, history):
         message, code = str(error), 1
     except KeyboardInterrupt:
         where = f"in epoch {len(history) + 1}" if len(history) < args.epochs else "after training"
+        resume = [sys.executable, os.path.relpath(__file__), "--resume", "--out-dir", args.out_dir]
         message, code = f"stopped {where}; " + (
-            f"{CHECKPOINT} keeps epoch {len(history)}: continue with: "
-            f"{resume_command(args.out_dir)}" if history
-            else "nothing was saved yet: run the command again"), 130
+            f"{CHECKPOINT} keeps epoch {len(history)}: continue with: {shlex.join(resume)}"
+            if history else "nothing was saved yet: run the command again"), 130
     except OSError as error:  # a full disk, say: the checkpoint and metrics.json stay whole
         message, code = (f"cannot write {error.filename or args.out_dir} ({error.strerror}); "
                          "the checkpoint and metrics.json there are whole"), 1
@@ -633,21 +546,15 @@ def build_parser():
     add("--lr", type=float, default=1e-3, help="Adam's learning rate in the first epoch")
     add("--lr-decay", type=float, default=1.0, help="factor on the learning rate each epoch")
     add("--beta", type=float, default=1.0, help="weight of the KL term in training")
-    add("--kl-warmup-epochs", type=int, default=0, help="epochs to raise the KL weight from 0 "
-        "to --beta")
-    add("--binarize", choices=("none", "dynamic", "static"), default="none", help="none keeps "
-        "grey levels; dynamic draws binary pixels each time an image is used, static once")
-    add("--iw-samples", type=int, default=100, help="samples per test image in the bound on "
-        "log p(x); 5000 is the papers' protocol")
+    add("--kl-warmup-epochs", type=int, default=0, help="epochs to raise the KL weight to --beta")
+    add("--binarize", choices=("none", "dynamic", "static"), default="none",
+        help="keep grey levels, or draw binary pixels each time an image is used, or once")
+    add("--iw-samples", type=int, default=100, help="K in the bound on log p(x); papers: 5000")
     add("--seed", type=int, default=0, help="seeds the weights, the batch order and the noise")
-    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if the "
-        "framework sees one")
-    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="mnist is shipped in "
-        "data/, fashion_mnist downloaded")
-    add("--data-dir", help="read DATASET.npz (Keras's layout), or MNIST's four IDX files, "
-        "from this folder instead")
-    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
-        "metrics.json and the checkpoint go")
+    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if any")
+    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="fashion_mnist: downloaded")
+    add("--data-dir", help="read DATASET.npz (Keras's layout) from this folder instead")
+    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the results go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
     add("--resume", action="store_true", help="continue the run whose checkpoint is in "
         "--out-dir, with its flags but --epochs, --iw-samples, --device and --lr")
@@ -655,8 +562,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """(args, given): every flag's value, checked, and the names of those typed (a resumed
-    run takes the others from its checkpoint)."""
+    """(args, given): every flag's value, checked, and the names of those typed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     lowest = {"epochs": 0 if args.resume else 1, "batch_size": 1, "latent_dim": 2, "beta": 0,
@@ -681,13 +587,13 @@ def main(argv=None):
     args, given = parse_args(argv)
     history = []  # the epochs done, as a stop reports them
     with one_line_errors(args, history):
-        devices = select_devices(args.device)
-        with distribution(devices, args.batch_size):  # build, load and train the model there
+        names = devices(args.device)
+        with distribution(names, args.batch_size):  # build, load and train the model there
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
             resume_flags(args, given, saved)
             x_train, y_train, x_test, y_test = load_data(args)
-            lock = lock_out_dir(args.out_dir)  # held until the process ends
+            os.makedirs(args.out_dir, exist_ok=True)
             if args.resume:
                 history.extend(saved["history"])
                 print(f"resuming after epoch {len(history)} of {path}")
@@ -698,13 +604,13 @@ def main(argv=None):
                 # The weights and Adam's state made now: made in fit(), TensorFlow traces twice.
                 model(keras.Input((784,)))
                 model.optimizer.build(model.trainable_variables)
-            where = ", ".join(devices) + (", data-parallel" if len(devices) > 1 else "")
+            where = ", ".join(names) + (", data-parallel" if len(names) > 1 else "")
             print(f"Keras {keras.__version__} on {keras.backend.backend()}, {where}; "
                   f"{len(x_train)} training and {len(x_test)} test images", flush=True)
             started = time.time()
-            train(model, model.optimizer, x_train, x_test, args, history)
+            train(model, model.optimizer, (x_train, x_test), args, history)
         decode = lambda z: ops.convert_to_numpy(ops.sigmoid(model.decoder(z)))
-        save_figures(args, history, x_test, y_test, posterior_means(model, x_test), decode)
+        save_figures(args, history, (x_test, y_test), posterior_means(model, x_test), decode)
         iw_started = time.time()
         iw_nll = iw_bound(model, x_test, args.iw_samples, args.seed)
         timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
@@ -713,7 +619,6 @@ def main(argv=None):
                              "versions": {"keras": keras.__version__, backend:
                                           __import__(backend).__version__}, "timing": timing},
                       history, iw_nll)
-        del lock
 
 
 if __name__ == "__main__":

@@ -22,18 +22,13 @@ Everything lands in --out-dir (default outputs/pytorch); --help lists every flag
 
 import argparse
 import contextlib
-import gzip
 import json
 import math
 import os
 import shlex
 import signal
-import struct
 import sys
 import time
-import zipfile
-import zlib
-from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -42,11 +37,6 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
-
-try:
-    import fcntl  # to lock --out-dir; Windows has none, and runs unlocked
-except ImportError:
-    fcntl = None
 
 FRAMEWORK, CHECKPOINT = "pytorch", "checkpoint.pt"
 
@@ -136,8 +126,7 @@ def importance_weighted_nll(model, x, eps, chunk=None):
 # Training and evaluation ----------------------------------------------------------------------
 
 def train_epoch(model, optimizer, batches, kl_weight, dynamic=False):
-    """One pass of Adam over float batches, drawn afresh as binary pixels if `dynamic`: the
-    sums of the two loss terms and the image count."""
+    """One pass of Adam over float batches (made binary if `dynamic`): the loss terms' sums."""
     model.train()
     sums = torch.zeros(3, device=next(model.parameters()).device)
     for x in batches:
@@ -152,26 +141,28 @@ def train_epoch(model, optimizer, batches, kl_weight, dynamic=False):
     return sums.detach()
 
 
-def train(model, optimizer, x_train, x_test, args, history):
-    """Epochs len(history) + 1 to --epochs, each trained, evaluated, printed and checkpointed.
-    Under torchrun each process takes every world_size-th image of each batch."""
+def train(model, optimizer, data, args, history):
+    """Epochs len(history) + 1 to --epochs on data = (x_train, x_test), each trained, evaluated,
+    printed and checkpointed; under torchrun each process takes its share of every batch."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    x_train = torch.from_numpy(x_train).to(next(model.parameters()).device)  # uint8, once
+    x_train = torch.from_numpy(data[0]).to(next(model.parameters()).device)  # uint8, once
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
         torch.manual_seed(hash((args.seed, epoch, rank)))  # the epoch's noise: nothing to save
         for group in optimizer.param_groups:
             group["lr"] = args.lr * args.lr_decay ** (epoch - 1)
-        order = epoch_order(args, epoch, len(x_train), world_size)[rank::world_size]
-        batches = (x_train[rows].float() / 255 for rows in
-                   torch.from_numpy(order).to(x_train.device).split(args.batch_size // world_size))
+        order = epoch_order(args, epoch, len(x_train))
+        order = torch.from_numpy(order[:len(order) // world_size * world_size]).to(x_train.device)
+        batches = (x_train[rows[rank::world_size]].float() / 255
+                   for rows in order.split(args.batch_size))
         sums = train_epoch(net, optimizer, batches, kl_weight(args, epoch),
                            args.binarize == "dynamic")
         if world_size > 1:
             dist.all_reduce(sums)
-        record = epoch_record(args, history, (sums[:2] / sums[2]).tolist(),
-                              *evaluate(model, x_test), start)
+        test, z_mean = evaluate(model, data[1])
+        record = epoch_record(args, history, ((sums[:2] / sums[2]).tolist(), test), z_mean,
+                              time.perf_counter() - start)
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, optimizer, args,
                             history + [record])
@@ -180,8 +171,7 @@ def train(model, optimizer, x_train, x_test, args, history):
 
 @torch.no_grad()
 def evaluate(model, x_test):
-    """The test set's (reconstruction_loss, kl_loss) means, z sampled as the ELBO is defined,
-    and every test image's z_mean (numpy)."""
+    """The test set's (reconstruction_loss, kl_loss) means and every image's z_mean (numpy)."""
     model.eval()
     sums, z_means = 0, []
     for x in torch.from_numpy(x_test).to(next(model.parameters()).device).split(EVAL_BATCH_SIZE):
@@ -193,14 +183,12 @@ def evaluate(model, x_test):
 
 
 def iw_bound(model, x_test, num_samples, seed):
-    """The importance-weighted bound on -log p(x), averaged over the test set (uint8 numpy),
-    with noise of its own seed: a checkpoint's bound redrawn gives the same number."""
+    """The importance-weighted bound on -log p(x) over the test set, from noise of its own seed."""
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     images, total = max(1, IW_ROWS // num_samples), 0.0
-    batches = torch.from_numpy(x_test).to(device).split(images)
-    for x in progress(batches, len(batches), num_samples):
+    for x in progress(torch.from_numpy(x_test).to(device).split(images), num_samples):
         eps = torch.randn((num_samples, len(x), model.latent_dim), generator=generator,
                           device=device)
         total += importance_weighted_nll(model, x.float() / 255, eps, IW_ROWS // images).sum()
@@ -216,40 +204,36 @@ def kl_weight(args, epoch):
 
 
 def active_units(z_mean):
-    """Latent dimensions whose posterior mean varies over the data by more than 0.01 (Burda et
-    al., 2015): those the model uses; none means that q(z|x) has collapsed onto the prior."""
+    """Latent dimensions whose z_mean varies by more than 0.01 over the data (Burda et al.)."""
     return int((np.var(z_mean, axis=0) > 0.01).sum())
 
 
-def epoch_record(args, history, train, test, z_mean, start):
-    """The next epoch's entry in the history, from both splits' (reconstruction_loss, kl_loss),
-    printed; a loss that is NaN or infinite stops before it reaches the checkpoint."""
-    epoch, resume = len(history) + 1, resume_command(args.out_dir)
-    if not math.isfinite(sum(train)):
-        raise UserError(f"the loss became NaN or infinite in epoch {epoch} at --lr {args.lr:g}; "
-                        + (f"{CHECKPOINT} keeps epoch {epoch - 1}: continue with a lower one: "
-                           f"{resume} --lr {args.lr / 2:g}" if history else "try a lower --lr"))
+def epoch_record(args, history, losses, z_mean, seconds):
+    """The next epoch's history entry from both splits' (reconstruction_loss, kl_loss), printed;
+    a NaN or infinite loss stops the run before it reaches the checkpoint."""
+    epoch = len(history) + 1
+    if not math.isfinite(sum(losses[0])):
+        raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
+                        f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
-    for split, (reconstruction_loss, kl_loss) in (("train", train), ("test", test)):
+    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), losses):
         record.update({f"{split}_loss": reconstruction_loss + kl_loss,  # the true -ELBO
                        f"{split}_reconstruction_loss": reconstruction_loss,
                        f"{split}_kl_loss": kl_loss})
-    record.update(active_units=active_units(z_mean), seconds=time.perf_counter() - start)
+    record.update(active_units=active_units(z_mean), seconds=seconds)
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}  test loss "
-          f"{record['test_loss']:.2f} (rec {test[0]:.2f} + kl {test[1]:.2f})  "
-          f"{record['active_units']} active units  {record['seconds']:.1f} s", flush=True)
+          f"{record['test_loss']:.2f} (rec {losses[1][0]:.2f} + kl {losses[1][1]:.2f})  "
+          f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
     if record["active_units"] == 0:
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
               file=sys.stderr, flush=True)
     return record
 
 
-def progress(batches, total, num_samples):
-    """The bound's batches, announced on stdout, so that a log shows what runs, and behind a
-    progress bar on a terminal."""
+def progress(batches, num_samples):
+    """The bound's batches, announced on stdout for logs, with a progress bar on a terminal."""
     print(f"importance-weighted bound: K={num_samples} samples for each test image", flush=True)
-    return tqdm(batches, desc=f"IW bound, K={num_samples}", total=total, leave=False,
-                disable=None)
+    return tqdm(batches, f"IW bound, K={num_samples}", leave=False, disable=None)
 
 
 # Data (the same text in both scripts, but download) -------------------------------------------
@@ -260,17 +244,20 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
-IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
 
 
 def load_data(args):
     """(x_train, y_train, x_test, y_test): uint8 numpy arrays, images as rows of 784 pixels,
-    from --data-dir or data/, else downloaded. The test set is binarized once if training is;
-    --binarize static draws the training set once."""
-    folder = args.data_dir or DATA_DIR
-    if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
-        path, arrays = read_folder(folder, args.dataset)
+    from DATASET.npz (Keras's layout) in --data-dir or data/, else downloaded; binarized once
+    under --binarize static, and the test set under dynamic too."""
+    path = os.path.join(args.data_dir or DATA_DIR, f"{args.dataset}.npz")
+    if args.data_dir or os.path.isfile(path):
+        try:
+            with np.load(path) as data:
+                arrays = [data[key] for key in ("x_train", "y_train", "x_test", "y_test")]
+        except Exception as error:  # numpy raises many types for a damaged or foreign file
+            raise UserError(f"{path}: cannot read it ({type(error).__name__}: {error}); expected "
+                            "an npz file of x_train, y_train, x_test, y_test")
     else:
         path, arrays = args.dataset, download(args.dataset)
     x_train, y_train, x_test, y_test = arrays
@@ -285,46 +272,16 @@ def load_data(args):
     return x_train, y_train, x_test, y_test
 
 
-def read_folder(folder, dataset):
-    """(what was read, the four arrays) from DATASET.npz in `folder` (Keras's layout), else
-    from MNIST's four IDX files there (torchvision's and the original's layout), gzipped or
-    not: a magic number, the sizes, the bytes."""
-    path = os.path.join(folder, f"{dataset}.npz")
-    try:
-        if os.path.isfile(path):
-            with np.load(path) as data:
-                return path, [data[key] for key in IDX_FILES]
-        arrays = []
-        for name in IDX_FILES.values():
-            path = os.path.join(folder, name + ".gz")
-            path = path if os.path.isfile(path) else path[:-3]
-            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-                data = bytearray(f.read())  # writable, as torch.from_numpy wants it
-            if data[:3] != b"\x00\x00\x08":
-                raise ValueError("not an IDX file of bytes")
-            shape = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
-            arrays.append(np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape))
-        return folder, arrays
-    except (OSError, EOFError, KeyError, ValueError, struct.error, zlib.error,
-            zipfile.BadZipFile) as error:
-        reason = " ".join(f"{type(error).__name__}: {error}".split())
-        raise UserError(f"{path}: cannot read it ({reason}); expected {dataset}.npz with the "
-                        "arrays x_train, y_train, x_test, y_test, or MNIST's four IDX files")
-
-
 def binarize(images, seed):
     """Each uint8 pixel v becomes 255 with probability v / 255, else 0."""
     noise = np.random.default_rng(seed).integers(0, 255, images.shape, dtype=np.uint8)
     return np.where(noise < images, 255, 0).astype(np.uint8)
 
 
-def epoch_order(args, epoch, num_images, replicas=1):
-    """The training images of `epoch` in the order they are used: a permutation of --seed and
-    the epoch alone (so a resumed run goes on exactly), cut to --steps-per-epoch batches and
-    to a multiple of the replicas that share each batch."""
+def epoch_order(args, epoch, num_images):
+    """The epoch's order of the training images, from --seed and the epoch alone (for resume)."""
     order = np.random.default_rng([args.seed, epoch]).permutation(num_images)
-    order = order[:args.steps_per_epoch * args.batch_size] if args.steps_per_epoch else order
-    return order[:len(order) // replicas * replicas]
+    return order[:args.steps_per_epoch * args.batch_size] if args.steps_per_epoch else order
 
 
 def download(dataset):
@@ -333,7 +290,7 @@ def download(dataset):
 
     source = {"mnist": torchvision.datasets.MNIST,
               "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
-    root = os.path.join(os.path.expanduser("~"), ".cache", "torchvision")
+    root = os.path.expanduser("~/.cache/torchvision")
     try:
         splits = [source(root, train=train, download=True) for train in (True, False)]
     except Exception as error:  # no network, a proxy, a server down: all end the same way
@@ -344,11 +301,11 @@ def download(dataset):
 
 # Figures (the same text in both scripts) ------------------------------------------------------
 
-def save_figures(args, history, x_test, y_test, z_mean, decode):
-    """The six pictures of a trained model, from the test set (uint8), its z_mean and
-    decode(z) -> pixel means (numpy in and out); each decodes its whole batch in one call."""
-    names, x = CLASS_NAMES[args.dataset], x_test / np.float32(255)
-    path = lambda name: os.path.join(args.out_dir, name)
+def save_figures(args, history, test, z_mean, decode):
+    """The six pictures, from test = (x_test uint8, y_test), its z_mean and decode(z) -> pixel
+    means (numpy in and out); each decodes its whole batch in one call."""
+    (x, labels), names = test, CLASS_NAMES[args.dataset]
+    x, path = x / np.float32(255), lambda name: os.path.join(args.out_dir, name)
     rows = np.concatenate([x[:10], decode(z_mean[:10]), x[10:20], decode(z_mean[10:20])])
     mosaic(rows, 10, "test digits and their reconstructions (at z_mean)",
            ["test digit", "reconstruction"] * 2).figure.savefig(path("reconstructions.png"))
@@ -357,24 +314,24 @@ def save_figures(args, history, x_test, y_test, z_mean, decode):
         path("samples.png"))
     # Rows from the first test digit of class k to the first of class k + 1, through the
     # decoder along the straight line between their z_mean.
-    starts, ends = (np.array([np.argmax(y_test == k + d) for k in range(8)]) for d in (0, 1))
+    starts, ends = (np.array([np.argmax(labels == k + d) for k in range(8)]) for d in (0, 1))
     steps = np.linspace(0.0, 1.0, 10, dtype=np.float32)[None, :, None]
     line = ((1 - steps) * z_mean[starts, None] + steps * z_mean[ends, None]).reshape(80, -1)
     rows = np.concatenate([x[starts, None], decode(line).reshape(8, 10, 784), x[ends, None]], 1)
     ax = mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line "
                 "between their z_mean | real digit",
-                [f"{names[y_test[a]]} to {names[y_test[b]]}" for a, b in zip(starts, ends)])
+                [f"{names[labels[a]]} to {names[labels[b]]}" for a, b in zip(starts, ends)])
     for column in (1, 11):
         ax.axvline(column * 28 - 0.5, color="tab:orange", linewidth=2)
     ax.figure.savefig(path("interpolation.png"))
-    save_latent_plots(args, z_mean, y_test, decode)
+    save_latent_plots(args, z_mean, labels, decode)
     save_training_curves(path("training_curves.png"), history)
 
 
 def save_latent_plots(args, z_mean, labels, decode):
     """latent_space.png, the test set's z_mean by class (in a random order, so that no class
-    hides another), and latent_manifold.png, the decoder on a grid of Gaussian quantiles;
-    both along the axes of z, or its two principal directions when latent_dim > 2."""
+    hides another), and latent_manifold.png, the decoder on a grid over [-2, 2]^2; both along
+    the axes of z, or along its two principal directions when latent_dim > 2."""
     directions, axes = np.eye(2, dtype=np.float32), ("z[0]", "z[1]")
     if args.latent_dim > 2:
         directions = np.linalg.svd(z_mean - z_mean.mean(0), full_matrices=False)[2][:2].T
@@ -390,26 +347,25 @@ def save_latent_plots(args, z_mean, labels, decode):
     ax.set_aspect("equal", adjustable="datalim")
     ax.figure.savefig(os.path.join(args.out_dir, "latent_space.png"))
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
-    q = np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, 20)], np.float32)
-    first, second = (a.reshape(-1, 1) for a in np.meshgrid(q, q[::-1]))
-    ax = mosaic(decode(first * directions[:, 0] + second * directions[:, 1]), 20,
-                "decoder means on a grid of Gaussian quantiles (5% to 95%) of z")
-    ticks = np.array([0, 5, 10, 14, 19])
-    ax.set(xticks=ticks * 28 + 14, xticklabels=[f"{q[i]:.2f}" for i in ticks], xlabel=axes[0],
-           yticks=ticks * 28 + 14, yticklabels=[f"{q[::-1][i]:.2f}" for i in ticks],
-           ylabel=axes[1])
+    first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
+    grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
+    ax = mosaic(decode(grid.astype(np.float32)), 20, "decoder means on a grid of z",
+                extent=(-2, 2, -2, 2))
+    ax.set(xlabel=axes[0], ylabel=axes[1])
     ax.figure.savefig(os.path.join(args.out_dir, "latent_manifold.png"))
 
 
-def mosaic(images, cols, title, row_labels=()):
-    """Axes of a new figure showing (N, 784) images in rows of `cols`, a label per row if given."""
+def mosaic(images, cols, title, row_labels=(), extent=None):
+    """Axes of a new figure showing (N, 784) images in rows of `cols`, with a label per row, or
+    with the coordinates `extent` on both axes."""
     rows = len(images) // cols
     pixels = np.asarray(images).reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3)
     ax = Figure(figsize=(cols * 28 / 45 + 1.6, rows * 28 / 45 + 0.6), layout="tight").subplots()
     ax.imshow(pixels.reshape(rows * 28, cols * 28), cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
-    ax.set(title=title, xticks=[])
-    ax.set_yticks(np.arange(len(row_labels)) * 28 + 14, row_labels)
+              interpolation="nearest", extent=extent)
+    if extent is None:
+        ax.set(xticks=[], yticks=np.arange(len(row_labels)) * 28 + 14, yticklabels=row_labels)
+    ax.set_title(title)
     return ax
 
 
@@ -422,8 +378,7 @@ def save_training_curves(path, history):
     for ax, (key, title) in zip(fig.subplots(1, 3), titles.items()):
         curves = np.array([[r[f"{split}_{key}"] for r in history] for split in ("train", "test")])
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
-            ax.plot(range(1, len(history) + 1), values, style, label=label,
-                    marker="" if len(history) > 50 else "o", markersize=3)
+            ax.plot(range(1, len(history) + 1), values, style, label=label)
         if len(history) > 50:
             late = curves[:, len(history) // 10:]
             ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
@@ -436,16 +391,14 @@ def save_training_curves(path, history):
 # Checkpoint, resume and devices ---------------------------------------------------------------
 
 def save_checkpoint(path, model, optimizer, args, history):
-    """The weights, Adam's state, the flags and the history, written to a temporary file and
-    renamed: a kill at any instant leaves the previous checkpoint whole."""
+    """Weights, Adam, flags and history, renamed into place: a kill never leaves half a file."""
     torch.save({"config": vars(args), "history": history, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict()}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path):
-    """(model, state): the trained VAE on the CPU, and the dict of the flags, the history and
-    Adam's state. Needs neither the data nor the device that trained it."""
+    """(model on the CPU, dict of flags, history and Adam): needs no data and no GPU."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = VAE(state["config"]["arch"], state["config"]["latent_dim"])
@@ -457,19 +410,21 @@ def load_checkpoint(path):
 
 
 def start_processes(args):
-    """This process's device and rank. Under torchrun it joins the others (NCCL between GPUs,
-    one each; gloo on the CPU), and all but the first print nothing; else it is alone."""
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    if args.device == "gpu" and device is None:
+    """(device, rank): under torchrun this process joins the others (NCCL between GPUs, one
+    each; gloo on the CPU), and all but the first print nothing; else it is alone."""
+    gpu = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if args.device == "gpu" and gpu is None:
         raise UserError("--device gpu: PyTorch sees no GPU; use --device cpu")
-    device = device if args.device != "cpu" and device else torch.device("cpu")
+    device = gpu if gpu and args.device != "cpu" else torch.device("cpu")
     if "RANK" not in os.environ:
         return device, 0
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    check_batch_size(args.batch_size, dist.get_world_size())
+    if args.batch_size % dist.get_world_size():
+        raise UserError(f"--batch-size {args.batch_size} does not split evenly over "
+                        f"{dist.get_world_size()} processes")
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return device, dist.get_rank()
@@ -490,44 +445,19 @@ def resume_flags(args, given, saved):
     if args.resume and fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')}: a resumed run keeps the flags of its "
                         "checkpoint but --epochs, --iw-samples, --device and --lr")
-    if args.resume:
+    if args.resume:  # --epochs up to those done: no training, the figures and bound redrawn
         vars(args).update({k: v for k, v in saved["config"].items() if k not in given})
-        args.epochs = args.epochs or done  # --epochs 0: redraw the figures only
-    if args.epochs < done:
-        raise UserError(f"--epochs {args.epochs}: the checkpoint already holds {done} epochs; "
-                        f"pass --epochs {done} or more, or 0 to redraw the figures")
-
-
-def check_batch_size(batch_size, replicas):
-    if batch_size % replicas:
-        raise UserError(f"--batch-size {batch_size} does not split evenly over {replicas} "
-                        f"devices; pick a multiple of {replicas}")
-
-
-def lock_out_dir(out_dir):
-    """Create --out-dir and lock it, so that a second run there is refused at once; the lock
-    goes with the process, however it ends."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, ".lock"), "w")
-    try:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserError(f"--out-dir {out_dir}: another run is writing there; wait for it to "
-                        "end, or pick another --out-dir")
-    return lock
+        args.epochs = max(args.epochs, done)
 
 
 def write_metrics(args, run, history, iw_nll):
-    """metrics.json, renamed into place once whole: the run (framework, backend, device,
-    versions, timing), every flag, the history, and the final test figures with the bound."""
+    """metrics.json, renamed into place once whole: the run, the flags, history and results."""
     test = {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss",
                                                          "kl_loss")}
-    path = os.path.join(args.out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
+    with open(os.path.join(args.out_dir, "metrics.json.tmp"), "w") as f:
         json.dump({**run, "config": vars(args), "history": history,
                    "test": {**test, "iw_nll": iw_nll, "iw_samples": args.iw_samples}}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    os.replace(f.name, f.name[:-4])
     print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {iw_nll:.2f} nats per "
           f"image; test loss {test['loss']:.2f}; figures, metrics.json and {CHECKPOINT} in "
           f"{args.out_dir}")
@@ -537,12 +467,6 @@ def write_metrics(args, run, history, iw_nll):
 
 class UserError(Exception):
     """A mistake the user can fix: main() prints it as one line and exits with status 1."""
-
-
-def resume_command(out_dir):
-    """The command that continues this run, runnable as printed (this very interpreter)."""
-    script = os.path.relpath(os.path.abspath(__file__))
-    return shlex.join([sys.executable, script, "--resume", "--out-dir", out_dir])
 
 
 @contextlib.contextmanager
@@ -557,10 +481,10 @@ def one_line_errors(args, history):
         message, code = str(error), 1
     except KeyboardInterrupt:
         where = f"in epoch {len(history) + 1}" if len(history) < args.epochs else "after training"
+        resume = [sys.executable, os.path.relpath(__file__), "--resume", "--out-dir", args.out_dir]
         message, code = f"stopped {where}; " + (
-            f"{CHECKPOINT} keeps epoch {len(history)}: continue with: "
-            f"{resume_command(args.out_dir)}" if history
-            else "nothing was saved yet: run the command again"), 130
+            f"{CHECKPOINT} keeps epoch {len(history)}: continue with: {shlex.join(resume)}"
+            if history else "nothing was saved yet: run the command again"), 130
     except OSError as error:  # a full disk, say: the checkpoint and metrics.json stay whole
         message, code = (f"cannot write {error.filename or args.out_dir} ({error.strerror}); "
                          "the checkpoint and metrics.json there are whole"), 1
@@ -584,21 +508,15 @@ def build_parser():
     add("--lr", type=float, default=1e-3, help="Adam's learning rate in the first epoch")
     add("--lr-decay", type=float, default=1.0, help="factor on the learning rate each epoch")
     add("--beta", type=float, default=1.0, help="weight of the KL term in training")
-    add("--kl-warmup-epochs", type=int, default=0, help="epochs to raise the KL weight from 0 "
-        "to --beta")
-    add("--binarize", choices=("none", "dynamic", "static"), default="none", help="none keeps "
-        "grey levels; dynamic draws binary pixels each time an image is used, static once")
-    add("--iw-samples", type=int, default=100, help="samples per test image in the bound on "
-        "log p(x); 5000 is the papers' protocol")
+    add("--kl-warmup-epochs", type=int, default=0, help="epochs to raise the KL weight to --beta")
+    add("--binarize", choices=("none", "dynamic", "static"), default="none",
+        help="keep grey levels, or draw binary pixels each time an image is used, or once")
+    add("--iw-samples", type=int, default=100, help="K in the bound on log p(x); papers: 5000")
     add("--seed", type=int, default=0, help="seeds the weights, the batch order and the noise")
-    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if the "
-        "framework sees one")
-    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="mnist is shipped in "
-        "data/, fashion_mnist downloaded")
-    add("--data-dir", help="read DATASET.npz (Keras's layout), or MNIST's four IDX files, "
-        "from this folder instead")
-    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
-        "metrics.json and the checkpoint go")
+    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if any")
+    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="fashion_mnist: downloaded")
+    add("--data-dir", help="read DATASET.npz (Keras's layout) from this folder instead")
+    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the results go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
     add("--resume", action="store_true", help="continue the run whose checkpoint is in "
         "--out-dir, with its flags but --epochs, --iw-samples, --device and --lr")
@@ -606,8 +524,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """(args, given): every flag's value, checked, and the names of those typed (a resumed
-    run takes the others from its checkpoint)."""
+    """(args, given): every flag's value, checked, and the names of those typed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     lowest = {"epochs": 0 if args.resume else 1, "batch_size": 1, "latent_dim": 2, "beta": 0,
@@ -637,7 +554,7 @@ def main(argv=None):
         model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
         resume_flags(args, given, saved)
         x_train, y_train, x_test, y_test = load_data(args)
-        lock = lock_out_dir(args.out_dir) if rank == 0 else None  # held until the process ends
+        os.makedirs(args.out_dir, exist_ok=True)
         if not args.resume:
             torch.manual_seed(args.seed)  # the initial weights
             model = VAE(args.arch, args.latent_dim)
@@ -651,11 +568,11 @@ def main(argv=None):
         print(f"PyTorch {torch.__version__} on {where}; {len(x_train)} training and "
               f"{len(x_test)} test images", flush=True)
         started = time.time()
-        train(model, optimizer, x_train, x_test, args, history)
+        train(model, optimizer, (x_train, x_test), args, history)
         if rank == 0:
             with torch.no_grad():
                 decode = lambda z: torch.sigmoid(model.decoder(torch.from_numpy(z).to(device)))
-                save_figures(args, history, x_test, y_test, evaluate(model, x_test)[1],
+                save_figures(args, history, (x_test, y_test), evaluate(model, x_test)[1],
                              lambda z: decode(z).cpu().numpy())
             iw_started = time.time()
             iw_nll = iw_bound(model, x_test, args.iw_samples, args.seed)
@@ -665,7 +582,6 @@ def main(argv=None):
                           history, iw_nll)
         if dist.is_initialized():
             dist.destroy_process_group()
-        del lock
 
 
 if __name__ == "__main__":

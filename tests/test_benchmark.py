@@ -10,15 +10,15 @@ from conftest import ROOT, run_script
 
 
 @pytest.mark.subprocess
-def test_the_benchmark_runs_in_rounds_and_reports_figures_and_ratios(tmp_path, digits_dir):
+def test_the_benchmark_runs_and_reports_its_figures_and_ratios(tmp_path, digits_dir):
     result = run_script(ROOT / "benchmarks" / "benchmark.py", "--data-dir", digits_dir,
-                        "--subset", "400", "100", "--epochs", "2", "--repeats", "2", "--archs",
+                        "--subset", "400", "100", "--epochs", "2", "--repeats", "1", "--archs",
                         "mlp", "--iw-samples", "3", "--json", tmp_path / "results.json",
                         timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     names = {"pytorch/mlp", "keras/mlp", "dataloader-reference/mlp"}
-    assert [set(runs) for runs in results["rounds"]] == [names, names]
+    assert [set(runs) for runs in results["rounds"]] == [names]
     assert (results["train_images"], results["test_images"]) == (400, 100)
     for framework in ("pytorch", "keras"):
         run = results["runs"][f"{framework}/mlp"]
@@ -26,13 +26,11 @@ def test_the_benchmark_runs_in_rounds_and_reports_figures_and_ratios(tmp_path, d
         assert 0 < run["start_up"] < run["wall"] and 0 < run["first_step"] < run["wall"]
         assert run["peak_rss_mb"] > results["import_rss_mb"][framework] > 100
         assert 0 < run["test_loss"] < 784 * math.log(2)  # nats per image: beats coin flips
-        rounds = [runs[f"{framework}/mlp"]["seconds_per_epoch"] for runs in results["rounds"]]
-        assert run["seconds_per_epoch"] == pytest.approx(sum(rounds) / 2)  # median of two
         assert results["bound"][f"{framework}/mlp"]["gflops"] > 0
     for name, (top, bottom) in {"pytorch_speedup/mlp": ("dataloader-reference", "pytorch"),
                                 "keras_over_pytorch/mlp": ("keras", "pytorch")}.items():
         assert results["ratios"][name] == pytest.approx(
             [runs[f"{top}/mlp"]["seconds_per_epoch"] / runs[f"{bottom}/mlp"]["seconds_per_epoch"]
              for runs in results["rounds"]])
-    assert "x faster per epoch than the DataLoader reference (median of 2 rounds" in result.stdout
+    assert "x faster per epoch than the DataLoader reference" in result.stdout
     assert "sample_keras.py takes" in result.stdout and "GFLOP/s" in result.stdout
