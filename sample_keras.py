@@ -549,12 +549,16 @@ def build_parser():
     add("--kl-warmup-epochs", type=int, default=0, help="epochs to raise the KL weight to --beta")
     add("--binarize", choices=("none", "dynamic", "static"), default="none",
         help="keep grey levels, or draw binary pixels each time an image is used, or once")
-    add("--iw-samples", type=int, default=100, help="K in the bound on log p(x); papers: 5000")
+    add("--iw-samples", type=int, default=100, help="samples per test image in the bound on "
+        "log p(x); 5000 in the papers")
     add("--seed", type=int, default=0, help="seeds the weights, the batch order and the noise")
-    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if any")
-    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="fashion_mnist: downloaded")
+    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if the "
+        "framework sees one")
+    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="mnist ships in data/; "
+        "fashion_mnist is downloaded")
     add("--data-dir", help="read DATASET.npz (Keras's layout) from this folder instead")
-    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the results go")
+    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
+        "metrics.json and the checkpoint go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
     add("--resume", action="store_true", help="continue the run whose checkpoint is in "
         "--out-dir, with its flags but --epochs, --iw-samples, --device and --lr")
