@@ -157,30 +157,20 @@ def importance_weighted_nll(model, x, eps, chunk=None):
 
 # Training and evaluation ----------------------------------------------------------------------
 
-class Batches(keras.utils.PyDataset):
-    """One epoch's float batches for fit(), in epoch_order(), drawn afresh as binary pixels
-    under --binarize dynamic from the seed, the epoch and the step alone."""
-
-    def __init__(self, x_train, args, epoch):
-        super().__init__()
-        self.x_train, self.args, self.epoch = x_train, args, epoch
-        self.order = epoch_order(args, epoch, len(x_train))
-
-    def __len__(self):
-        return -(-len(self.order) // self.args.batch_size)
-
-    def __getitem__(self, step):
-        x = self.x_train[self.order[step * self.args.batch_size:][:self.args.batch_size]]
-        if self.args.binarize == "dynamic":
-            x = binarize(x, [self.args.seed, self.epoch, step])
-        return x / np.float32(255)
+def epoch_images(x_train, args, epoch):
+    """The epoch's training images in epoch_order(), as floats for fit(), drawn afresh as binary
+    pixels under --binarize dynamic from the seed and the epoch alone."""
+    x = x_train[epoch_order(args, epoch, len(x_train))]
+    if args.binarize == "dynamic":
+        x = binarize(x, [args.seed, epoch])
+    return x / np.float32(255)
 
 
 def train(model, optimizer, data, args, history):
     """Epochs len(history) + 1 to --epochs on data = (x_train, x_test), each trained, evaluated,
     printed and checkpointed; on several devices each takes its share of every batch."""
     x_train, x_test = data
-    steps = len(Batches(x_train, args, 1))
+    steps = -(-len(epoch_order(args, 1, len(x_train))) // args.batch_size)
     # Several steps per compiled call, as many as divide an epoch (torch and tf.distribute: one).
     most = 1 if keras.backend.backend() == "torch" or len(devices(args.device)) > 1 else 8
     model.compile(optimizer, steps_per_execution=max(d for d in range(1, most + 1)
@@ -191,7 +181,8 @@ def train(model, optimizer, data, args, history):
         state.assign(np.array([hash((args.seed, epoch)) % 2**31, 0], state.dtype))
         model.kl_weight.assign(kl_weight(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
-        logs = model.fit(Batches(x_train, args, epoch), shuffle=False, verbose=0).history
+        logs = model.fit(epoch_images(x_train, args, epoch), batch_size=args.batch_size,
+                         shuffle=False, verbose=0).history
         test = model.evaluate(x_test / np.float32(255), batch_size=EVAL_BATCH_SIZE, verbose=0,
                               return_dict=True)
         losses = ([logs["reconstruction_loss"][0], logs["kl_loss"][0]],

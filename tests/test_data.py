@@ -74,7 +74,7 @@ def training_images(script, images, epoch, binarize):
     """The float images the script trains on in `epoch`, in order."""
     args = args_for(binarize=binarize)
     if script.name == "keras":
-        return np.concatenate(list(script.module.Batches(images, args, epoch)))
+        return script.module.epoch_images(images, args, epoch)
     order = script.module.epoch_order(args, epoch, len(images))
     recorder = Recorder()
     batches = [torch.from_numpy(images[rows] / np.float32(255)) for rows in np.split(order, 4)]
