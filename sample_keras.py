@@ -170,11 +170,9 @@ def train(model, optimizer, data, args, history):
     """Epochs len(history) + 1 to --epochs on data = (x_train, x_test), each trained, evaluated,
     printed and checkpointed; on several devices each takes its share of every batch."""
     x_train, x_test = data
-    steps = -(-len(epoch_order(args, 1, len(x_train))) // args.batch_size)
-    # Several steps per compiled call, as many as divide an epoch (torch and tf.distribute: one).
-    most = 1 if keras.backend.backend() == "torch" or len(devices(args.device)) > 1 else 8
-    model.compile(optimizer, steps_per_execution=max(d for d in range(1, most + 1)
-                                                     if steps % d == 0))
+    # Many steps per compiled call; one on the torch backend and under tf.distribute.
+    one = keras.backend.backend() == "torch" or len(devices(args.device)) > 1
+    model.compile(optimizer, steps_per_execution=1 if one else 64)
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
         state = model.seed_generator.state  # the epoch's noise: nothing to save
