@@ -250,12 +250,15 @@ def test_sigterm_stops_at_once_and_the_printed_command_resumes(script, tmp_path,
 
 
 @pytest.mark.subprocess
-def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(script, tmp_path, slow_data):
-    out_dir = tmp_path / "out"
-    process = start(script, out_dir, slow_data, "--batch-size", "1", until=("PyTorch", "Keras"))
-    time.sleep(0.2)  # into its start-up or first epoch, of 1000 steps
-    line = one_error_line(stop(process, signal.SIGINT))
-    assert process.returncode == 130 and "stopped in epoch 1; nothing was saved yet" in line
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(script, tmp_path):
+    # An epoch of 20,000 steps: still the first one if stop() must send its signal again.
+    data, out_dir = write_dataset(tmp_path / "data", n_train=20000, n_test=50), tmp_path / "out"
+    process = start(script, out_dir, data, "--batch-size", "1", until=("PyTorch", "Keras"))
+    time.sleep(1)
+    err = stop(process, signal.SIGINT)
+    assert process.returncode == 130, (process.returncode, err)
+    line = one_error_line(err)
+    assert "stopped in epoch 1; nothing was saved yet" in line
     assert "--resume" not in line and not (out_dir / script.checkpoint).exists()
 
 
