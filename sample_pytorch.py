@@ -22,6 +22,7 @@ Everything lands in --out-dir (default outputs/pytorch); --help lists every flag
 
 import argparse
 import contextlib
+import gzip
 import json
 import math
 import os
@@ -244,20 +245,17 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
 
 
 def load_data(args):
     """(x_train, y_train, x_test, y_test): uint8 numpy arrays, images as rows of 784 pixels,
-    from DATASET.npz (Keras's layout) in --data-dir or data/, else downloaded; binarized once
-    under --binarize static, and the test set under dynamic too."""
-    path = os.path.join(args.data_dir or DATA_DIR, f"{args.dataset}.npz")
-    if args.data_dir or os.path.isfile(path):
-        try:
-            with np.load(path) as data:
-                arrays = [data[key] for key in ("x_train", "y_train", "x_test", "y_test")]
-        except Exception as error:  # numpy raises many types for a damaged or foreign file
-            raise UserError(f"{path}: cannot read it ({type(error).__name__}: {error}); expected "
-                            "an npz file of x_train, y_train, x_test, y_test")
+    from --data-dir or data/, else downloaded; binarized once under --binarize static, and the
+    test set under dynamic too."""
+    folder = args.data_dir or DATA_DIR
+    if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
+        path, arrays = read_folder(folder, args.dataset)
     else:
         path, arrays = args.dataset, download(args.dataset)
     x_train, y_train, x_test, y_test = arrays
@@ -270,6 +268,30 @@ def load_data(args):
     if args.binarize != "none":
         x_test = binarize(x_test, seed=5678)  # the same pixels in every run
     return x_train, y_train, x_test, y_test
+
+
+def read_folder(folder, dataset):
+    """(what was read, the four arrays) from DATASET.npz in `folder` (Keras's layout), else from
+    MNIST's four IDX files there, gzipped or not, as published: a magic number, sizes, bytes."""
+    path = os.path.join(folder, f"{dataset}.npz")
+    try:
+        if os.path.isfile(path):
+            with np.load(path) as data:
+                return path, [data[key] for key in ("x_train", "y_train", "x_test", "y_test")]
+        arrays = []
+        for name in IDX_FILES:
+            path = os.path.join(folder, name)
+            path = path + ".gz" if os.path.isfile(path + ".gz") else path
+            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+                data = bytearray(f.read())  # writable, as torch.from_numpy wants it
+            if data[:3] != b"\x00\x00\x08":
+                raise ValueError("not an IDX file of bytes")
+            shape = np.frombuffer(data, ">u4", data[3], 4)
+            arrays.append(np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape))
+        return folder, arrays
+    except Exception as error:  # numpy, zipfile and gzip raise many types for a damaged file
+        raise UserError(f"{path}: cannot read it ({type(error).__name__}: {error}); expected "
+                        f"{dataset}.npz of x_train, y_train, x_test, y_test, or MNIST's IDX files")
 
 
 def binarize(images, seed):
@@ -454,10 +476,11 @@ def write_metrics(args, run, history, iw_nll):
     """metrics.json, renamed into place once whole: the run, the flags, history and results."""
     test = {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss",
                                                          "kl_loss")}
-    with open(os.path.join(args.out_dir, "metrics.json.tmp"), "w") as f:
+    path = os.path.join(args.out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
         json.dump({**run, "config": vars(args), "history": history,
                    "test": {**test, "iw_nll": iw_nll, "iw_samples": args.iw_samples}}, f, indent=2)
-    os.replace(f.name, f.name[:-4])
+    os.replace(path + ".tmp", path)
     print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {iw_nll:.2f} nats per "
           f"image; test loss {test['loss']:.2f}; figures, metrics.json and {CHECKPOINT} in "
           f"{args.out_dir}")
@@ -518,7 +541,8 @@ def build_parser():
         "framework sees one")
     add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="mnist ships in data/; "
         "fashion_mnist is downloaded")
-    add("--data-dir", help="read DATASET.npz (Keras's layout) from this folder instead")
+    add("--data-dir", help="read DATASET.npz (Keras's layout), or MNIST's four IDX files, "
+        "from this folder instead")
     add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
         "metrics.json and the checkpoint go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")

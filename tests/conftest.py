@@ -1,6 +1,7 @@
 """What the tests share: both scripts behind one interface (the `script` fixture runs a test
 once per framework), small data sets written here, and a way to run a script as a user would."""
 
+import gzip
 import importlib
 import json
 import os
@@ -127,6 +128,19 @@ def write_dataset(folder, n_train=200, n_test=60, source=None, name="mnist"):
             arrays.update({f"x_{split}": images, f"y_{split}": labels})
     np.savez_compressed(Path(folder) / f"{name}.npz", **arrays)
     return str(folder)
+
+
+def write_idx(folder, arrays):
+    """MNIST's four IDX files, written from the format's description: a magic number, the
+    sizes, the bytes; the training files gzipped, the test files raw."""
+    folder.mkdir()
+    for key, name in (("x_train", "train-images-idx3-ubyte.gz"),
+                      ("y_train", "train-labels-idx1-ubyte.gz"),
+                      ("x_test", "t10k-images-idx3-ubyte"), ("y_test", "t10k-labels-idx1-ubyte")):
+        array = arrays[key]
+        data = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+        data += array.tobytes()
+        (folder / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
 
 
 @pytest.fixture(scope="session")

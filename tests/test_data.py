@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from conftest import call_main, write_dataset
+from conftest import call_main, write_dataset, write_idx
 
 
 def args_for(**flags):
@@ -27,6 +27,19 @@ def test_a_data_dir_of_its_own_is_read_and_binarized_on_request(script, data_dir
     assert x_train.shape == (200, 784) and x_test.shape == (60, 784) and len(y_train) == 200
     assert set(np.unique(x_train)) <= {0, 255} and set(np.unique(x_test)) <= {0, 255}
     np.testing.assert_array_equal(script.module.load_data(args)[2], x_test)  # the same pixels
+
+
+def test_a_folder_of_the_four_idx_files_is_read_too(script, digits_dir, tmp_path, capsys):
+    with np.load(f"{digits_dir}/mnist.npz") as data:
+        arrays = {key: data[key] for key in data}
+    write_idx(tmp_path / "idx", arrays)
+    x_train, y_train, x_test, y_test = script.module.load_data(args_for(data_dir=tmp_path / "idx"))
+    np.testing.assert_array_equal(x_train, arrays["x_train"].reshape(-1, 784))
+    np.testing.assert_array_equal(y_test, arrays["y_test"])
+    (tmp_path / "idx" / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not an idx file")
+    code, err = call_main(script, ["--data-dir", tmp_path / "idx", "--out-dir", tmp_path / "o"],
+                          capsys)
+    assert code == 1 and "t10k-labels-idx1-ubyte: cannot read it" in err, err
 
 
 @pytest.mark.parametrize("spoil, message", [

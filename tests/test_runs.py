@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import (FIGURES, ROOT, Script, call_main, history, one_error_line, quick,
-                      run_script, write_dataset)
+                      run_script, write_dataset, write_idx)
 from test_maths import log_bernoulli, log_normal
 
 METRICS_KEYS = {"framework", "backend", "config", "device", "versions", "history", "test",
@@ -28,11 +28,14 @@ METRICS_KEYS = {"framework", "backend", "config", "device", "versions", "history
                                            ("keras", "torch")])
 def test_a_copy_run_alone_writes_its_figures_metrics_and_checkpoint_and_a_clean_log(
         name, backend, tmp_path, data_dir):
-    """The script copied into an empty folder, as a user copies it, and run there."""
+    """The script copied into an empty folder, as a user copies it, and run there on a folder
+    of MNIST's original layout, the four IDX files."""
     script, out_dir = Script(name), tmp_path / "outputs" / name  # the default --out-dir
     shutil.copy(script.file, tmp_path)
-    result = run_script(tmp_path / script.file.name, "--data-dir", data_dir, "--epochs", "2",
-                        "--steps-per-epoch", "3", "--device", "cpu", "--iw-samples", "5",
+    with np.load(f"{data_dir}/mnist.npz") as data:
+        write_idx(tmp_path / "idx", {key: data[key] for key in data})
+    result = run_script(tmp_path / script.file.name, "--data-dir", tmp_path / "idx", "--epochs",
+                        "2", "--steps-per-epoch", "3", "--device", "cpu", "--iw-samples", "5",
                         "--arch", "conv", "--latent-dim", "3", cwd=tmp_path,
                         env={"KERAS_BACKEND": backend})
     assert result.returncode == 0, result.stderr
