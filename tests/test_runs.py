@@ -257,7 +257,9 @@ def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(script, tmp_path):
     # An epoch of 20,000 steps: still the first one if stop() must send its signal again.
     data, out_dir = write_dataset(tmp_path / "data", n_train=20000, n_test=50), tmp_path / "out"
     process = start(script, out_dir, data, "--batch-size", "1", until=("PyTorch", "Keras"))
-    time.sleep(1)
+    # Past TensorFlow's tracing of the first steps: a SIGINT inside it can leave TensorFlow's
+    # own error and status 1 (seen under CI's load; docs/running.md says so).
+    time.sleep(8)
     err = stop(process, signal.SIGINT)
     assert process.returncode == 130, (process.returncode, err)
     line = one_error_line(err)
