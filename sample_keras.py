@@ -217,7 +217,7 @@ def iw_bound(model, x_test, num_samples, seed):
     """The importance-weighted bound on -log p(x) over the test set, from noise of its own seed."""
     images = max(1, IW_ROWS // num_samples)
     bound = ImportanceWeightedBound(model, num_samples, seed, IW_ROWS // images)
-    with progress(range(-(-len(x_test) // images)), num_samples) as bar:
+    with progress(range(-(-len(x_test) // images)), num_samples, len(x_test)) as bar:
         tick = keras.callbacks.LambdaCallback(on_predict_batch_end=lambda *_, **__: bar.update())
         nll = bound.predict(x_test / np.float32(255), images, verbose=0, callbacks=[tick])
     return float(np.mean(nll, dtype=np.float64))
@@ -258,9 +258,10 @@ def epoch_record(args, history, losses, z_mean, seconds):
     return record
 
 
-def progress(batches, num_samples):
+def progress(batches, num_samples, num_images):
     """The bound's batches, announced on stdout for logs, with a progress bar on a terminal."""
-    print(f"importance-weighted bound: K={num_samples} samples for each test image", flush=True)
+    print(f"importance-weighted bound: K={num_samples} samples for each of {num_images} test "
+          "images...", flush=True)
     return tqdm(batches, f"IW bound, K={num_samples}", leave=False, disable=None)
 
 

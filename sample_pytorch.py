@@ -31,13 +31,18 @@ import signal
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from matplotlib.figure import Figure
-from torch import nn
-from tqdm import tqdm
+# OpenMP's idle threads spin 300,000 turns before they sleep: beside other busy processes they
+# take the cores from each other and an epoch runs 2-40x slower; 300 turns cost an idle machine
+# almost nothing (docs/performance.md). Set before torch loads OpenMP; yours wins if set.
+os.environ.setdefault("GOMP_SPINCOUNT", "300")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 FRAMEWORK, CHECKPOINT = "pytorch", "checkpoint.pt"
 
@@ -189,7 +194,8 @@ def iw_bound(model, x_test, num_samples, seed):
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     images, total = max(1, IW_ROWS // num_samples), 0.0
-    for x in progress(torch.from_numpy(x_test).to(device).split(images), num_samples):
+    for x in progress(torch.from_numpy(x_test).to(device).split(images), num_samples,
+                      len(x_test)):
         eps = torch.randn((num_samples, len(x), model.latent_dim), generator=generator,
                           device=device)
         total += importance_weighted_nll(model, x.float() / 255, eps, IW_ROWS // images).sum()
@@ -231,9 +237,10 @@ def epoch_record(args, history, losses, z_mean, seconds):
     return record
 
 
-def progress(batches, num_samples):
+def progress(batches, num_samples, num_images):
     """The bound's batches, announced on stdout for logs, with a progress bar on a terminal."""
-    print(f"importance-weighted bound: K={num_samples} samples for each test image", flush=True)
+    print(f"importance-weighted bound: K={num_samples} samples for each of {num_images} test "
+          "images...", flush=True)
     return tqdm(batches, f"IW bound, K={num_samples}", leave=False, disable=None)
 
 

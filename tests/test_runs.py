@@ -34,13 +34,16 @@ def test_a_copy_run_alone_writes_its_figures_metrics_and_checkpoint_and_a_clean_
     shutil.copy(script.file, tmp_path)
     with np.load(f"{data_dir}/mnist.npz") as data:
         write_idx(tmp_path / "idx", {key: data[key] for key in data})
+        test_images = len(data["y_test"])
     result = run_script(tmp_path / script.file.name, "--data-dir", tmp_path / "idx", "--epochs",
                         "2", "--steps-per-epoch", "3", "--device", "cpu", "--iw-samples", "5",
                         "--arch", "conv", "--latent-dim", "3", cwd=tmp_path,
                         env={"KERAS_BACKEND": backend})
     assert result.returncode == 0, result.stderr
     assert re.search(r"^epoch 2/2  train loss [\d.]+ ", result.stdout, re.M)
-    assert "importance-weighted bound: K=5" in result.stdout  # a log shows what runs
+    # A log shows what runs before it runs: the bound's K and images, ahead of its result.
+    announced = result.stdout.index(f"bound: K=5 samples for each of {test_images} test images")
+    assert announced < result.stdout.index("importance-weighted bound, K=5: -log p(x) <=")
     assert "\x1b" not in result.stdout and "\r" not in result.stdout + result.stderr
     assert not re.search(r"Traceback|Warning|E0000|\berror\b", result.stderr), result.stderr
     assert {p.name for p in out_dir.iterdir()} == {*FIGURES, "metrics.json", script.checkpoint}
