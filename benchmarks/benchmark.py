@@ -18,13 +18,17 @@ rounds of every configuration once; each figure is the median over the rounds, a
 minutes apart, its median reported: on a noisy machine that holds better than a ratio of
 medians. Last, the importance-weighted bound on its own: seconds for K samples on every test
 image, and the decoder's arithmetic per second against what this CPU's matrix product reaches.
+With --busy, the rounds run again beside N processes that each keep a core busy, as other jobs
+on a shared machine or a laptop do, and a second table gives the seconds per epoch at each N.
 
     .venv/bin/python benchmarks/benchmark.py                      # full MNIST, data/mnist.npz
     .venv/bin/python benchmarks/benchmark.py --subset 8000 2000   # a small data set's epochs
     .venv/bin/python benchmarks/benchmark.py --repeats 3 --json results.json
+    .venv/bin/python benchmarks/benchmark.py --busy 0 1 2         # idle, then 1 and 2 busy
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -42,6 +46,7 @@ IMPORTS = {"pytorch": "import torch", "keras": "import keras"}
 WITH_ADAM = {"pytorch": "; torch.optim.Adam([torch.zeros(1, requires_grad=True)])",
              "keras": "; keras.optimizers.Adam()"}
 LATENT_DIM = 20
+SPINNER = "while True: pass  # benchmark.py --busy"  # one core's worth of someone else's work
 
 
 def measure(argv):
@@ -165,6 +170,18 @@ def reference(data_dir, epochs, arch, device):
     print(json.dumps({"seconds_per_epoch": statistics.median(seconds[1:])}))
 
 
+@contextlib.contextmanager
+def spinning(processes):
+    """`processes` busy processes beside the block, ended with it whatever happens."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPINNER]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def subset(data_dir, n_train, n_test, folder):
     """The first n_train training and n_test test images and labels of data_dir, as a folder
     with its own mnist.npz: a small data set of real digits."""
@@ -197,6 +214,20 @@ def measure_round(args, scratch):
                                     capture_output=True, text=True, check=True)
             runs[f"dataloader-reference/{arch}"] = json.loads(result.stdout)
     return runs
+
+
+def measure_rounds(args, busy, scratch):
+    """--repeats rounds beside `busy` busy processes. Round by round, each configuration once,
+    the ones to compare next to each other: a slow spell of a noisy machine then slows a whole
+    round rather than one line."""
+    rounds = []
+    with spinning(busy):
+        for repeat in range(args.repeats):
+            rounds.append(measure_round(args, Path(scratch, f"{busy}-busy-{repeat}")))
+            for name, run in rounds[-1].items():
+                print(f"  {busy} busy, round {repeat + 1}: {name} "
+                      f"{run['seconds_per_epoch']:.3f} s/epoch", file=sys.stderr)
+    return rounds
 
 
 def ratios(rounds):
@@ -257,6 +288,20 @@ def print_table(results):
               f"({bound['gflops'] / results['matmul_gflops']:.0%} of the matrix product's)")
 
 
+def print_busy(table):
+    """Seconds per epoch beside each --busy count, and over the first count's."""
+    levels = list(next(iter(table.values())))
+    if len(levels) < 2:
+        return
+    print(f"\nseconds per epoch beside N busy processes, median over the rounds "
+          f"(x: over N = {levels[0]})")
+    print(f"{'run':28}" + "".join(f"{f'N = {busy}':>17}" for busy in levels))
+    for name, seconds in table.items():
+        first = seconds[levels[0]]
+        print(f"{name:28}" + "".join(f"{seconds[busy]:9.3f} ({seconds[busy] / first:4.2f}x)"
+                                     for busy in levels))
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data",
@@ -271,12 +316,17 @@ def parse(argv):
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--iw-samples", type=int, default=100,
                         help="K of the bound's own measurement, 0 to skip it (default: 100)")
+    parser.add_argument("--busy", type=int, nargs="+", default=[0], metavar="N",
+                        help="run the rounds beside N busy processes, for each N given; the "
+                             "first N's rounds make the main table (default: 0)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arch", default="mlp", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not (args.data_dir / "mnist.npz").is_file():
         parser.error(f"--data-dir {args.data_dir}: no mnist.npz there")
+    if min(args.busy) < 0:
+        parser.error("--busy takes counts of processes, 0 or more")
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is not timed)")
     return args
@@ -292,19 +342,13 @@ def main(argv=None):
             args.train_images, args.test_images = len(data["y_train"]), len(data["y_test"])
         results = {"data": str(args.data_dir), "train_images": args.train_images,
                    "test_images": args.test_images, "epochs": args.epochs,
-                   "repeats": args.repeats, "device": args.device, "cpus": os.cpu_count(),
-                   "rounds": []}
+                   "repeats": args.repeats, "device": args.device, "cpus": os.cpu_count()}
         for key, more in (("import_rss_mb", {}), ("import_and_adam_rss_mb", WITH_ADAM)):
             results[key] = {f: statistics.median(
                 measure([sys.executable, "-c", IMPORTS[f] + more.get(f, "")])[0]
                 for _ in range(args.repeats)) for f in args.frameworks}
-        # Round by round, each configuration once, the ones to compare next to each other:
-        # a slow spell of a noisy machine then slows a whole round rather than one line.
-        for repeat in range(args.repeats):
-            results["rounds"].append(measure_round(args, Path(scratch, str(repeat))))
-            for name, run in results["rounds"][-1].items():
-                print(f"  round {repeat + 1}: {name} {run['seconds_per_epoch']:.3f} s/epoch",
-                      file=sys.stderr)
+        results["busy"] = {busy: measure_rounds(args, busy, scratch) for busy in args.busy}
+        results["rounds"] = results["busy"][args.busy[0]]
         results["bound"] = {f"{f}/{a}": measure_bound(f, a, args, Path(scratch, f"iw-{f}-{a}"))
                             for a in args.archs for f in args.frameworks} if args.iw_samples else {}
         results["iw_samples"] = args.iw_samples
@@ -312,7 +356,11 @@ def main(argv=None):
     results["runs"] = {name: median_of([runs[name] for runs in results["rounds"]])
                        for name in results["rounds"][0]}
     results["ratios"] = ratios(results["rounds"])
+    results["busy_seconds_per_epoch"] = {name: {busy: statistics.median(
+        runs[name]["seconds_per_epoch"] for runs in rounds)
+        for busy, rounds in results["busy"].items()} for name in results["runs"]}
     print_table(results)
+    print_busy(results["busy_seconds_per_epoch"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

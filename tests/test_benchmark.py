@@ -2,8 +2,13 @@
 every figure and ratio it promises (the figures themselves are the benchmark's to print,
 never a test's to assert)."""
 
+import contextlib
+import importlib
 import json
 import math
+import os
+import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_script
@@ -34,3 +39,37 @@ def test_the_benchmark_runs_and_reports_its_figures_and_ratios(tmp_path, digits_
              for runs in results["rounds"]])
     assert "x faster per epoch than the DataLoader reference" in result.stdout
     assert "sample_keras.py takes" in result.stdout and "GFLOP/s" in result.stdout
+
+
+def test_busy_processes_spin_beside_the_block_and_end_with_it(capsys):
+    """--busy: each spinner keeps a core busy while the rounds run, and none outlives them, even
+    when a round fails."""
+    benchmark = importlib.import_module("benchmarks.benchmark")
+    before = spinner_pids()
+    with pytest.raises(RuntimeError):
+        with benchmark.spinning(2):
+            pids = spinner_pids() - before
+            time.sleep(1.0)
+            busy_seconds = [cpu_seconds(pid) for pid in pids]
+            raise RuntimeError("a round failed")
+    assert len(pids) == 2 and min(busy_seconds) > 0.3  # each spun for most of that second
+    assert not spinner_pids() & pids
+    benchmark.print_busy({"pytorch/mlp": {0: 2.0, 1: 3.0}, "keras/mlp": {0: 4.0, 1: 5.0}})
+    table = capsys.readouterr().out
+    assert "N = 1" in table and "3.000 (1.50x)" in table and "5.000 (1.25x)" in table
+
+
+def spinner_pids():
+    """The processes running benchmark.py's spinner, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if b"benchmark.py --busy" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+    return found
+
+
+def cpu_seconds(pid):
+    """User and system CPU seconds of a process so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
