@@ -33,6 +33,9 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices at start-up
+# On the torch backend, OpenMP's idle threads spin 300 turns, not 300,000, before they sleep, so
+# that other busy processes do not slow an epoch several times (docs/performance.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "300")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

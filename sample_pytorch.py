@@ -32,8 +32,9 @@ import sys
 import time
 
 # OpenMP's idle threads spin 300,000 turns before they sleep: beside other busy processes they
-# take the cores from each other and an epoch runs 2-40x slower; 300 turns cost an idle machine
-# almost nothing (docs/performance.md). Set before torch loads OpenMP; yours wins if set.
+# take the cores from each other and an epoch runs several, at worst tens of, times slower; 300
+# turns cost an idle machine almost nothing (docs/performance.md). Set before torch loads
+# OpenMP; yours wins if set.
 os.environ.setdefault("GOMP_SPINCOUNT", "300")
 
 import numpy as np  # noqa: E402
