@@ -27,17 +27,31 @@ import gzip
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices at start-up
 # On the torch backend, OpenMP's idle threads spin 300 turns, not 300,000, before they sleep, so
 # that other busy processes do not slow an epoch several times (docs/performance.md).
 os.environ.setdefault("GOMP_SPINCOUNT", "300")
-
-import keras  # noqa: E402
+# TensorFlow's C++ logs three notices at import that TF_CPP_MIN_LOG_LEVEL does not reach: the
+# import's stderr is caught and written back without them, so anything else still shows.
+NOTICES = re.compile(r"absl::InitializeLog|\] oneDNN custom operations|\] Could not find cuda")
+with tempfile.TemporaryFile("w+") as caught:
+    stderr = os.dup(2)
+    os.dup2(caught.fileno(), 2)
+    try:
+        import keras
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        caught.seek(0)
+        sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
+import numpy as np  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -51,10 +65,11 @@ HIDDEN = 256  # width of the fully connected layer next to z, in both architectu
 
 
 def init(fan_in):
-    """Weights and biases uniform in +-1/sqrt(fan_in), PyTorch's default: a default run from
-    Keras's own (Glorot, zero biases) ended 2.1 nats worse (142.56 against 140.48)."""
-    uniform = keras.initializers.RandomUniform(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-    return {"kernel_initializer": uniform, "bias_initializer": uniform}
+    """Weights and biases uniform in +-1/sqrt(fan_in), PyTorch's default, each from its own
+    initializer: one instance, seeded once, would draw each bias equal to its kernel's first row."""
+    bound = 1 / math.sqrt(fan_in)
+    return {"kernel_initializer": keras.initializers.RandomUniform(-bound, bound),
+            "bias_initializer": keras.initializers.RandomUniform(-bound, bound)}
 
 
 def build_encoder(arch):
@@ -93,40 +108,72 @@ def reparameterize(z_mean, z_log_var, eps):
 
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
-    def __init__(self, arch="mlp", latent_dim=2, training_state=None, **kwargs):
+    """q(z|x) and p(x|z); with num_classes, q(z|x, y) and p(x|z, y) for integer labels y (N,),
+    their one-hot vector joined to the encoder's features and to z. samples: draws of z per
+    image in training (the IWAE bound's k), one in evaluation."""
+
+    def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1, training_state=None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.arch, self.latent_dim = arch, latent_dim
+        self.arch, self.latent_dim, self.num_classes, self.samples = (arch, latent_dim,
+                                                                      num_classes, samples)
         self.training_state = training_state  # the flags and the history, saved in the config
         self.encoder = build_encoder(arch)
-        self.z_mean = layers.Dense(latent_dim, **init(HIDDEN))
-        self.z_log_var = layers.Dense(latent_dim, **init(HIDDEN))
-        self.decoder = build_decoder(arch, latent_dim)
+        self.z_mean = layers.Dense(latent_dim, **init(HIDDEN + num_classes))
+        self.z_log_var = layers.Dense(latent_dim, **init(HIDDEN + num_classes))
+        self.decoder = build_decoder(arch, latent_dim + num_classes)
         self.seed_generator = keras.random.SeedGenerator()  # eps; train() reseeds it each epoch
         self.kl_weight = keras.Variable(1.0, trainable=False)  # train() sets it each epoch
         # fit() reports "loss" itself; these report its two terms, per image.
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
 
-    def encode(self, x):
-        features = self.encoder(x)
+    def with_label(self, h, y):
+        """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
+        if not self.num_classes:
+            return h
+        one_hot = ops.one_hot(ops.cast(y, "int32"), self.num_classes, dtype=h.dtype)
+        shape = (*ops.shape(h)[:-1], self.num_classes)
+        return ops.concatenate([h, ops.broadcast_to(one_hot, shape)], -1)
+
+    def encode(self, x, y=None):
+        """Images x (N, 784) -> (z_mean, z_log_var) of q(z|x), each (N, latent_dim)."""
+        features = self.with_label(self.encoder(x), y)
         return self.z_mean(features), self.z_log_var(features)
 
-    def call(self, x):
-        """-> (logits, z_mean, z_log_var), with z drawn from q(z|x) as the ELBO is defined."""
-        z_mean, z_log_var = self.encode(x)
-        eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
-        return self.decoder(reparameterize(z_mean, z_log_var, eps)), z_mean, z_log_var
+    def decode_logits(self, z, y=None):
+        """z (..., N, latent_dim) -> the pixels' logits (..., N, 784), in one batch."""
+        z = self.with_label(z, y)
+        logits = self.decoder(ops.reshape(z, (-1, ops.shape(z)[-1])))
+        return ops.reshape(logits, (*ops.shape(z)[:-1], 784))
+
+    def decode(self, z, y=None):
+        """z (N, latent_dim) -> p(x|z)'s pixel means (N, 784), the sigmoid of the logits."""
+        return ops.sigmoid(self.decode_logits(z, y))
+
+    def call(self, inputs, training=False):
+        """-> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x); inputs
+        are the images, or [images, labels] for a conditional model."""
+        x, y = inputs if self.num_classes else (inputs, None)
+        z_mean, z_log_var = self.encode(x, y)
+        samples = self.samples if training else 1
+        eps = keras.random.normal((samples, *ops.shape(z_mean)), seed=self.seed_generator)
+        logits = self.decode_logits(reparameterize(z_mean, z_log_var, eps), y)
+        return logits, z_mean, z_log_var, eps
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """What the stock train_step and test_step minimise and report: -ELBO averaged over the
-        images of the batch (not over pixels), the KL term weighted while training."""
-        reconstruction_loss, kl_loss = negative_elbo(x, *y_pred)
+        """What the stock train_step and test_step minimise and report: the objective averaged
+        over the images of the batch (not over pixels); in evaluation -ELBO, unweighted."""
+        images = x[0] if self.num_classes else x
+        loss, reconstruction_loss, kl_loss = objective(
+            images, y_pred, self.kl_weight if training else 1.0)
         self.reconstruction_loss_tracker.update_state(reconstruction_loss)
         self.kl_loss_tracker.update_state(kl_loss)
-        return ops.mean(reconstruction_loss + (self.kl_weight if training else 1.0) * kl_loss)
+        return ops.mean(loss)
 
     def get_config(self):
         return {**super().get_config(), "arch": self.arch, "latent_dim": self.latent_dim,
+                "num_classes": self.num_classes, "samples": self.samples,
                 "training_state": self.training_state}
 
 
@@ -142,38 +189,62 @@ def negative_elbo(x, logits, z_mean, z_log_var):
     return reconstruction_loss, kl_loss
 
 
-def importance_weighted_nll(model, x, eps, chunk=None):
-    """Per-image -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k = reparameterize(..., eps[k]) for
-    eps (K, N, latent_dim): an upper bound on -log p(x) in nats. The decoder takes `chunk`
-    samples at a time; the log-weights meet in one logsumexp, which cannot overflow."""
-    z_mean, z_log_var = model.encode(x)
-    log_weights = []
-    for start in range(0, eps.shape[0], chunk or eps.shape[0]):
-        e = eps[start:start + (chunk or eps.shape[0])]
-        z = reparameterize(z_mean, z_log_var, e)  # (chunk, N, latent_dim)
-        logits = model.decoder(ops.reshape(z, (-1, model.latent_dim)))
-        logits = ops.reshape(logits, (ops.shape(z)[0], ops.shape(z)[1], 784))
-        reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
-        log_prior_over_posterior = 0.5 * ops.sum(ops.square(e) + z_log_var - ops.square(z), -1)
-        log_weights.append(log_prior_over_posterior - reconstruction_loss)
-    return math.log(eps.shape[0]) - ops.logsumexp(ops.concatenate(log_weights), axis=0)
+def negative_iw_bound(x, logits, z_mean, z_log_var, eps, kl_weight=1.0):
+    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats, for K samples
+    z_k = reparameterize(z_mean, z_log_var, eps[k]) and their logits (K, N, 784); at kl_weight
+    1 a bound on -log p(x). The log-weights meet in one logsumexp, which cannot overflow."""
+    reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
+    z = reparameterize(z_mean, z_log_var, eps)
+    log_prior_over_posterior = 0.5 * ops.sum(ops.square(eps) + z_log_var - ops.square(z), -1)
+    log_weights = kl_weight * log_prior_over_posterior - reconstruction_loss
+    return math.log(ops.shape(eps)[0]) - ops.logsumexp(log_weights, axis=0)
+
+
+def objective(x, outputs, kl_weight):
+    """Per-image (objective, reconstruction_loss, kl_loss) from the model's outputs: with one
+    sample, -ELBO with its KL term weighted; with K, the IWAE bound on them (Burda et al.)."""
+    logits, z_mean, z_log_var, eps = outputs
+    reconstruction_loss, kl_loss = negative_elbo(x, logits, z_mean, z_log_var)
+    reconstruction_loss = ops.mean(reconstruction_loss, axis=0)  # over the samples
+    if ops.shape(eps)[0] == 1:
+        return reconstruction_loss + kl_weight * kl_loss, reconstruction_loss, kl_loss
+    return negative_iw_bound(x, *outputs, kl_weight), reconstruction_loss, kl_loss
+
+
+def importance_weighted_nll(model, x, y, eps):
+    """Per-image bound on -log p(x) (on -log p(x|y) given labels) from eps (K, N, latent_dim)."""
+    z_mean, z_log_var = model.encode(x, y)
+    logits = model.decode_logits(reparameterize(z_mean, z_log_var, eps), y)
+    return negative_iw_bound(x, logits, z_mean, z_log_var, eps)
+
+
+def label_marginal_nll(model, x, eps):
+    """A conditional model's per-image bound on -log p(x), p(x) = (1/10) sum_y p(x|y): the
+    bounds for every label, from the same eps, combined by a logsumexp."""
+    nll = ops.stack([importance_weighted_nll(model, x, ops.full(ops.shape(x)[:1], label), eps)
+                     for label in range(model.num_classes)])
+    return math.log(model.num_classes) - ops.logsumexp(-nll, axis=0)
 
 
 # Training and evaluation ----------------------------------------------------------------------
 
-def epoch_images(x_train, args, epoch):
-    """The epoch's training images in epoch_order(), as floats for fit(), drawn afresh as binary
-    pixels under --binarize dynamic from the seed and the epoch alone."""
-    x = x_train[epoch_order(args, epoch, len(x_train))]
+def epoch_inputs(train, args, epoch):
+    """fit()'s inputs from train = (x_train, y_train): the images in epoch_order() as floats
+    (drawn afresh as binary pixels under --binarize dynamic, from the seed and the epoch alone),
+    with their labels for a conditional model."""
+    order = epoch_order(args, epoch, len(train[0]))
+    x = train[0][order]
     if args.binarize == "dynamic":
         x = binarize(x, [args.seed, epoch])
-    return x / np.float32(255)
+    return [x / np.float32(255), train[1][order]] if args.conditional else x / np.float32(255)
 
 
 def train(model, optimizer, data, args, history):
-    """Epochs len(history) + 1 to --epochs on data = (x_train, x_test), each trained, evaluated,
-    printed and checkpointed; on several devices each takes its share of every batch."""
-    x_train, x_test = data
+    """Epochs len(history) + 1 to --epochs on data = (x_train, y_train, x_test, y_test), each
+    trained, evaluated, printed and checkpointed; on several devices each takes its share of
+    every batch."""
+    x_test, y_test = data[2:]
+    test = [x_test / np.float32(255), y_test] if args.conditional else x_test / np.float32(255)
     # Many steps per compiled call; one on the torch backend and under tf.distribute.
     one = keras.backend.backend() == "torch" or len(devices(args.device)) > 1
     model.compile(optimizer, steps_per_execution=1 if one else 64)
@@ -183,47 +254,53 @@ def train(model, optimizer, data, args, history):
         state.assign(np.array([hash((args.seed, epoch)) % 2**31, 0], state.dtype))
         model.kl_weight.assign(kl_weight(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
-        logs = model.fit(epoch_images(x_train, args, epoch), batch_size=args.batch_size,
+        logs = model.fit(epoch_inputs(data[:2], args, epoch), batch_size=args.batch_size,
                          shuffle=False, verbose=0).history
-        test = model.evaluate(x_test / np.float32(255), batch_size=EVAL_BATCH_SIZE, verbose=0,
-                              return_dict=True)
-        losses = ([logs["reconstruction_loss"][0], logs["kl_loss"][0]],
-                  [test["reconstruction_loss"], test["kl_loss"]])
-        record = epoch_record(args, history, losses, posterior_means(model, x_test),
+        logs = {key: value[0] for key, value in logs.items()}
+        scores = model.evaluate(test, batch_size=EVAL_BATCH_SIZE, verbose=0, return_dict=True)
+        losses = ([logs["reconstruction_loss"], logs["kl_loss"], logs["loss"]],
+                  [scores["reconstruction_loss"], scores["kl_loss"]])
+        record = epoch_record(args, history, losses, posterior_means(model, data[2:]),
                               time.perf_counter() - start)
         save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, args, history + [record])
         history.append(record)  # once saved: a stop reports what the checkpoint holds
 
 
-def posterior_means(model, x_test):
-    """Every test image's z_mean (numpy)."""
-    features = model.encoder.predict(x_test / np.float32(255), EVAL_BATCH_SIZE, verbose=0)
-    return ops.convert_to_numpy(model.z_mean(features))
+def posterior_means(model, test):
+    """Every test image's z_mean (numpy), for test = (x_test, y_test)."""
+    features = model.encoder.predict(test[0] / np.float32(255), EVAL_BATCH_SIZE, verbose=0)
+    return ops.convert_to_numpy(model.z_mean(model.with_label(features, test[1])))
 
 
 class ImportanceWeightedBound(keras.Model):
-    """A VAE's per-image importance-weighted bound as a model of its own, so that the stock
-    predict() compiles it, with noise from a generator of its own seed."""
+    """A VAE's per-image importance-weighted bounds as a model of their own, so that the stock
+    predict() compiles them, with noise from a generator of its own seed."""
 
-    def __init__(self, vae, num_samples, seed, chunk):
+    def __init__(self, vae, num_samples, seed):
         super().__init__()
-        self.vae, self.num_samples, self.chunk = vae, num_samples, chunk
+        self.vae, self.num_samples = vae, num_samples
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, x):
+    def call(self, inputs):
+        x, y = inputs
         eps = keras.random.normal((self.num_samples, ops.shape(x)[0], self.vae.latent_dim),
                                   seed=self.seed_generator)
-        return importance_weighted_nll(self.vae, x, eps, self.chunk)
+        nll = [importance_weighted_nll(self.vae, x, y, eps)]
+        if self.vae.num_classes:
+            nll.append(label_marginal_nll(self.vae, x, eps))
+        return ops.stack(nll, axis=-1)
 
 
-def iw_bound(model, x_test, num_samples, seed):
-    """The importance-weighted bound on -log p(x) over the test set, from noise of its own seed."""
+def iw_bound(model, test, num_samples, seed):
+    """The test set's mean importance-weighted bound on -log p(x), from noise of its own seed;
+    for a conditional model, on -log p(x|y) and on -log p(x). test = (x_test, y_test)."""
     images = max(1, IW_ROWS // num_samples)
-    bound = ImportanceWeightedBound(model, num_samples, seed, IW_ROWS // images)
-    with progress(range(-(-len(x_test) // images)), num_samples, len(x_test)) as bar:
+    bound = ImportanceWeightedBound(model, num_samples, seed)
+    with progress(range(-(-len(test[0]) // images)), num_samples, len(test[0])) as bar:
         tick = keras.callbacks.LambdaCallback(on_predict_batch_end=lambda *_, **__: bar.update())
-        nll = bound.predict(x_test / np.float32(255), images, verbose=0, callbacks=[tick])
-    return float(np.mean(nll, dtype=np.float64))
+        nll = bound.predict([test[0] / np.float32(255), test[1]], images, verbose=0,
+                            callbacks=[tick])
+    return np.mean(nll, axis=0, dtype=np.float64).tolist()
 
 
 # The rest of this section is the same text in both scripts.
@@ -242,18 +319,19 @@ def active_units(z_mean):
 def epoch_record(args, history, losses, z_mean, seconds):
     """The next epoch's history entry from both splits' (reconstruction_loss, kl_loss), printed;
     a NaN or infinite loss stops the run before it reaches the checkpoint."""
-    epoch = len(history) + 1
-    if not math.isfinite(sum(losses[0])):
+    epoch, (train, test) = len(history) + 1, losses
+    if not math.isfinite(sum(train)):
         raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
                         f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
-    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), losses):
+    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), (train[:2], test)):
         record.update({f"{split}_loss": reconstruction_loss + kl_loss,  # the true -ELBO
                        f"{split}_reconstruction_loss": reconstruction_loss,
                        f"{split}_kl_loss": kl_loss})
-    record.update(active_units=active_units(z_mean), seconds=seconds)
-    print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}  test loss "
-          f"{record['test_loss']:.2f} (rec {losses[1][0]:.2f} + kl {losses[1][1]:.2f})  "
+    record.update(train_objective=train[2], active_units=active_units(z_mean), seconds=seconds)
+    iwae = f" (IWAE bound, k={args.iwae}: {train[2]:.2f})" if args.iwae > 1 else ""
+    print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
+          f"{test[0] + test[1]:.2f} (rec {test[0]:.2f} + kl {test[1]:.2f})  "
           f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
     if record["active_units"] == 0:
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
@@ -350,22 +428,30 @@ def download(dataset):
 # Figures (the same text in both scripts) ------------------------------------------------------
 
 def save_figures(args, history, test, z_mean, decode):
-    """The six pictures, from test = (x_test uint8, y_test), its z_mean and decode(z) -> pixel
-    means (numpy in and out); each decodes its whole batch in one call."""
+    """The six pictures, from test = (x_test uint8, y_test), its z_mean and the model's
+    decode(z, y) -> pixel means (numpy in and out); each decodes its whole batch in one call."""
     (x, labels), names = test, CLASS_NAMES[args.dataset]
     x, path = x / np.float32(255), lambda name: os.path.join(args.out_dir, name)
-    rows = np.concatenate([x[:10], decode(z_mean[:10]), x[10:20], decode(z_mean[10:20])])
+    pixels = decode(z_mean[:20], labels[:20])
+    rows = np.concatenate([x[:10], pixels[:10], x[10:20], pixels[10:]])
     mosaic(rows, 10, "test digits and their reconstructions (at z_mean)",
            ["test digit", "reconstruction"] * 2).figure.savefig(path("reconstructions.png"))
     z = np.random.default_rng(args.seed).standard_normal((100, args.latent_dim), np.float32)
-    mosaic(decode(z), 10, "samples from the prior, z ~ N(0, I)").figure.savefig(
-        path("samples.png"))
-    # Rows from the first test digit of class k to the first of class k + 1, through the
-    # decoder along the straight line between their z_mean.
-    starts, ends = (np.array([np.argmax(labels == k + d) for k in range(8)]) for d in (0, 1))
+    y, row_labels, title = None, (), "samples from the prior, z ~ N(0, I)"
+    if args.conditional:  # z is the style, y the class: one row a label, one z a column
+        z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
+        title += ": a row per label y, the same z down each column"
+    mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
+    # Rows from the first test digit of class k to the first of class k + 1 (a conditional
+    # model's: to the next of class k, with label k), through the decoder along the straight
+    # line between their z_mean.
+    starts = np.array([np.argmax(labels == k) for k in range(8)])
+    ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
+                     np.argmax(labels == k + 1) for k in range(8)])
     steps = np.linspace(0.0, 1.0, 10, dtype=np.float32)[None, :, None]
     line = ((1 - steps) * z_mean[starts, None] + steps * z_mean[ends, None]).reshape(80, -1)
-    rows = np.concatenate([x[starts, None], decode(line).reshape(8, 10, 784), x[ends, None]], 1)
+    pixels = decode(line, np.repeat(labels[starts], 10)).reshape(8, 10, 784)
+    rows = np.concatenate([x[starts, None], pixels, x[ends, None]], 1)
     ax = mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line "
                 "between their z_mean | real digit",
                 [f"{names[labels[a]]} to {names[labels[b]]}" for a, b in zip(starts, ends)])
@@ -397,7 +483,9 @@ def save_latent_plots(args, z_mean, labels, decode):
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
     first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
     grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
-    ax = mosaic(decode(grid.astype(np.float32)), 20, "decoder means on a grid of z",
+    label = f", label {CLASS_NAMES[args.dataset][0]}" if args.conditional else ""
+    title = "decoder means on a grid of z" + label
+    ax = mosaic(decode(grid.astype(np.float32), np.zeros(400, int)), 20, title,
                 extent=(-2, 2, -2, 2))
     ax.set(xlabel=axes[0], ylabel=axes[1])
     ax.figure.savefig(os.path.join(args.out_dir, "latent_manifold.png"))
@@ -485,36 +573,51 @@ def distribution(names, batch_size):
 
 # The rest of this section is the same text in both scripts.
 
+def build_model(config):
+    """The VAE that the flags in `config` (a dict) describe, as made afresh or read back."""
+    return VAE(config["arch"], config["latent_dim"], 10 if config.get("conditional") else 0,
+               config.get("iwae", 1))
+
+
 def resume_flags(args, given, saved):
-    """--resume continues the checkpoint's run (`saved`) with its flags but --epochs,
-    --iw-samples, --device and --lr; a fresh run must not write over an unfinished one."""
+    """--resume continues the checkpoint's run (`saved`) with its flags; only --epochs,
+    --iw-samples, --device, --lr and --data-dir may differ. A fresh run must not write over an
+    unfinished one."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
     if not args.resume and saved and done < saved["config"]["epochs"]:
         raise UserError(f"{path} holds an unfinished run ({done} of {saved['config']['epochs']} "
                         "epochs); pass --resume to continue it, or delete it to start afresh")
     if args.resume and not saved:
         raise UserError(f"no {path} to resume; run without --resume to start afresh")
-    fixed = sorted(given - {"epochs", "iw_samples", "device", "lr", "out_dir", "resume"})
-    if args.resume and fixed:
-        raise UserError(f"--{fixed[0].replace('_', '-')}: a resumed run keeps the flags of its "
-                        "checkpoint but --epochs, --iw-samples, --device and --lr")
-    if args.resume:  # --epochs up to those done: no training, the figures and bound redrawn
-        vars(args).update({k: v for k, v in saved["config"].items() if k not in given})
-        args.epochs = max(args.epochs, done)
+    if not args.resume:
+        return
+    free = {"epochs", "iw_samples", "device", "lr", "data_dir", "out_dir", "resume"}
+    for name in sorted(given - free):
+        if vars(args)[name] != saved["config"].get(name):
+            raise UserError(f"--{name.replace('_', '-')}: the run in {path} has "
+                            f"{saved['config'].get(name)}; a resumed run may change only "
+                            "--epochs, --iw-samples, --device, --lr and --data-dir")
+    # --epochs up to those done: no training, the figures and bound redrawn
+    vars(args).update({k: v for k, v in saved["config"].items() if k not in given})
+    args.epochs = max(args.epochs, done)
 
 
 def write_metrics(args, run, history, iw_nll):
-    """metrics.json, renamed into place once whole: the run, the flags, history and results."""
+    """metrics.json, renamed into place once whole: the run, the flags, history and results;
+    iw_nll: the bound on -log p(x), or on -log p(x|y) and -log p(x) for a conditional model."""
     test = {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss",
                                                          "kl_loss")}
+    bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
+    objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
     path = os.path.join(args.out_dir, "metrics.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({**run, "config": vars(args), "history": history,
-                   "test": {**test, "iw_nll": iw_nll, "iw_samples": args.iw_samples}}, f, indent=2)
+        json.dump({**run, "objective": objective, "config": vars(args), "history": history,
+                   "test": {**test, "iw_nll": iw_nll[0], "iw_bounds": bounds,
+                            "iw_samples": args.iw_samples}}, f, indent=2)
     os.replace(path + ".tmp", path)
-    print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {iw_nll:.2f} nats per "
-          f"image; test loss {test['loss']:.2f}; figures, metrics.json and {CHECKPOINT} in "
-          f"{args.out_dir}")
+    print(f"importance-weighted bound, K={args.iw_samples}: " + ", ".join(
+        f"{name} <= {value:.2f}" for name, value in bounds.items()) + " nats per image; test "
+        f"loss {test['loss']:.2f}; figures, metrics.json and {CHECKPOINT} in {args.out_dir}")
 
 
 # Command line and errors (the same text in both scripts) --------------------------------------
@@ -577,8 +680,14 @@ def build_parser():
     add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
         "metrics.json and the checkpoint go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
+    add("--conditional", action="store_true", help="a conditional VAE, q(z|x, y) and "
+        "p(x|z, y), that draws the digit you name; its bound is on -log p(x|y), and on -log p(x) "
+        "at ten times the cost")
+    add("--iwae", type=int, default=1, help="train on the IWAE bound with this many samples of "
+        "z per image (Burda et al., 2015); 1: the ELBO")
     add("--resume", action="store_true", help="continue the run whose checkpoint is in "
-        "--out-dir, with its flags but --epochs, --iw-samples, --device and --lr")
+        "--out-dir, with its flags; --epochs, --iw-samples, --device, --lr and --data-dir may "
+        "change")
     return parser
 
 
@@ -587,7 +696,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     lowest = {"epochs": 0 if args.resume else 1, "batch_size": 1, "latent_dim": 2, "beta": 0,
-              "kl_warmup_epochs": 0, "iw_samples": 1, "seed": 0, "steps_per_epoch": 1}
+              "kl_warmup_epochs": 0, "iw_samples": 1, "iwae": 1, "seed": 0, "steps_per_epoch": 1}
     for name, low in lowest.items():
         value = getattr(args, name)
         if value is not None and not value >= low:  # nan too
@@ -613,27 +722,28 @@ def main(argv=None):
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
             resume_flags(args, given, saved)
-            x_train, y_train, x_test, y_test = load_data(args)
+            data = load_data(args)  # x_train, y_train, x_test, y_test
             os.makedirs(args.out_dir, exist_ok=True)
             if args.resume:
                 history.extend(saved["history"])
                 print(f"resuming after epoch {len(history)} of {path}")
             else:
                 keras.utils.set_random_seed(args.seed)  # the initial weights
-                model = VAE(args.arch, args.latent_dim)
+                model = build_model(vars(args))
                 model.compile(optimizer=keras.optimizers.Adam(args.lr))
                 # The weights and Adam's state made now: made in fit(), TensorFlow traces twice.
-                model(keras.Input((784,)))
+                images = keras.Input((784,))
+                model([images, keras.Input((), dtype="int32")] if args.conditional else images)
                 model.optimizer.build(model.trainable_variables)
             where = ", ".join(names) + (", data-parallel" if len(names) > 1 else "")
             print(f"Keras {keras.__version__} on {keras.backend.backend()}, {where}; "
-                  f"{len(x_train)} training and {len(x_test)} test images", flush=True)
+                  f"{len(data[0])} training and {len(data[2])} test images", flush=True)
             started = time.time()
-            train(model, model.optimizer, (x_train, x_test), args, history)
-        decode = lambda z: ops.convert_to_numpy(ops.sigmoid(model.decoder(z)))
-        save_figures(args, history, (x_test, y_test), posterior_means(model, x_test), decode)
+            train(model, model.optimizer, data, args, history)
+        decode = lambda z, y: ops.convert_to_numpy(model.decode(z, y))
+        save_figures(args, history, data[2:], posterior_means(model, data[2:]), decode)
         iw_started = time.time()
-        iw_nll = iw_bound(model, x_test, args.iw_samples, args.seed)
+        iw_nll = iw_bound(model, data[2:], args.iw_samples, args.seed)
         timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
         backend = keras.backend.backend()
         write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,

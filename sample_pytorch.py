@@ -83,23 +83,46 @@ def reparameterize(z_mean, z_log_var, eps):
 
 
 class VAE(nn.Module):
-    def __init__(self, arch="mlp", latent_dim=2):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.encoder = build_encoder(arch)
-        self.z_mean = nn.Linear(HIDDEN, latent_dim)
-        self.z_log_var = nn.Linear(HIDDEN, latent_dim)
-        self.decoder = build_decoder(arch, latent_dim)
+    """q(z|x) and p(x|z); with num_classes, q(z|x, y) and p(x|z, y) for integer labels y (N,),
+    their one-hot vector joined to the encoder's features and to z. samples: draws of z per
+    image in training (the IWAE bound's k), one in evaluation."""
 
-    def encode(self, x):
-        features = self.encoder(x)
+    def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1):
+        super().__init__()
+        self.latent_dim, self.num_classes, self.samples = latent_dim, num_classes, samples
+        self.encoder = build_encoder(arch)
+        self.z_mean = nn.Linear(HIDDEN + num_classes, latent_dim)
+        self.z_log_var = nn.Linear(HIDDEN + num_classes, latent_dim)
+        self.decoder = build_decoder(arch, latent_dim + num_classes)
+
+    def with_label(self, h, y):
+        """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
+        if not self.num_classes:
+            return h
+        one_hot = F.one_hot(torch.as_tensor(y, device=h.device).long(), self.num_classes)
+        return torch.cat([h, one_hot.to(h.dtype).expand(*h.shape[:-1], -1)], -1)
+
+    def encode(self, x, y=None):
+        """Images x (N, 784) -> (z_mean, z_log_var) of q(z|x), each (N, latent_dim)."""
+        features = self.with_label(self.encoder(x), y)
         return self.z_mean(features), self.z_log_var(features)
 
-    def forward(self, x):
-        """-> (logits, z_mean, z_log_var), with z drawn from q(z|x) as the ELBO is defined."""
-        z_mean, z_log_var = self.encode(x)
-        z = reparameterize(z_mean, z_log_var, torch.randn_like(z_mean))
-        return self.decoder(z), z_mean, z_log_var
+    def decode_logits(self, z, y=None):
+        """z (..., N, latent_dim) -> the pixels' logits (..., N, 784), in one batch."""
+        z = self.with_label(z, y)
+        return self.decoder(z.flatten(0, -2)).unflatten(0, z.shape[:-1])
+
+    def decode(self, z, y=None):
+        """z (N, latent_dim) -> p(x|z)'s pixel means (N, 784), the sigmoid of the logits."""
+        return torch.sigmoid(self.decode_logits(z, y))
+
+    def forward(self, x, y=None):
+        """-> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x)."""
+        z_mean, z_log_var = self.encode(x, y)
+        samples = self.samples if self.training else 1
+        eps = torch.randn((samples, *z_mean.shape), device=z_mean.device)
+        logits = self.decode_logits(reparameterize(z_mean, z_log_var, eps), y)
+        return logits, z_mean, z_log_var, eps
 
 
 # Loss: the two terms of -ELBO, and the importance-weighted bound ------------------------------
@@ -114,61 +137,86 @@ def negative_elbo(x, logits, z_mean, z_log_var):
     return reconstruction_loss, kl_loss
 
 
+def negative_iw_bound(x, logits, z_mean, z_log_var, eps, kl_weight=1.0):
+    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats, for K samples
+    z_k = reparameterize(z_mean, z_log_var, eps[k]) and their logits (K, N, 784); at kl_weight
+    1 a bound on -log p(x). The log-weights meet in one logsumexp, which cannot overflow."""
+    reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
+    z = reparameterize(z_mean, z_log_var, eps)
+    log_prior_over_posterior = 0.5 * (eps.square() + z_log_var - z.square()).sum(-1)
+    log_weights = kl_weight * log_prior_over_posterior - reconstruction_loss
+    return math.log(len(eps)) - torch.logsumexp(log_weights, 0)
+
+
+def objective(x, outputs, kl_weight):
+    """Per-image (objective, reconstruction_loss, kl_loss) from the model's outputs: with one
+    sample, -ELBO with its KL term weighted; with K, the IWAE bound on them (Burda et al.)."""
+    logits, z_mean, z_log_var, eps = outputs
+    reconstruction_loss, kl_loss = negative_elbo(x, logits, z_mean, z_log_var)
+    reconstruction_loss = reconstruction_loss.mean(0)  # over the samples
+    if len(eps) == 1:
+        return reconstruction_loss + kl_weight * kl_loss, reconstruction_loss, kl_loss
+    return negative_iw_bound(x, *outputs, kl_weight), reconstruction_loss, kl_loss
+
+
 @torch.no_grad()
-def importance_weighted_nll(model, x, eps, chunk=None):
-    """Per-image -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k = reparameterize(..., eps[k]) for
-    eps (K, N, latent_dim): an upper bound on -log p(x) in nats. The decoder takes `chunk`
-    samples at a time; the log-weights meet in one logsumexp, which cannot overflow."""
-    z_mean, z_log_var = model.encode(x)
-    log_weights = []
-    for e in eps.split(chunk or len(eps)):
-        z = reparameterize(z_mean, z_log_var, e)
-        logits = model.decoder(z.flatten(0, 1)).unflatten(0, z.shape[:2])
-        reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
-        log_prior_over_posterior = 0.5 * (e.square() + z_log_var - z.square()).sum(-1)
-        log_weights.append(log_prior_over_posterior - reconstruction_loss)
-    return math.log(len(eps)) - torch.logsumexp(torch.cat(log_weights), 0)
+def importance_weighted_nll(model, x, y, eps):
+    """Per-image bound on -log p(x) (on -log p(x|y) given labels) from eps (K, N, latent_dim)."""
+    z_mean, z_log_var = model.encode(x, y)
+    logits = model.decode_logits(reparameterize(z_mean, z_log_var, eps), y)
+    return negative_iw_bound(x, logits, z_mean, z_log_var, eps)
+
+
+def label_marginal_nll(model, x, eps):
+    """A conditional model's per-image bound on -log p(x), p(x) = (1/10) sum_y p(x|y): the
+    bounds for every label, from the same eps, combined by a logsumexp."""
+    nll = torch.stack([importance_weighted_nll(model, x, torch.full((len(x),), label), eps)
+                       for label in range(model.num_classes)])
+    return math.log(model.num_classes) - torch.logsumexp(-nll, 0)
 
 
 # Training and evaluation ----------------------------------------------------------------------
 
 def train_epoch(model, optimizer, batches, kl_weight, dynamic=False):
-    """One pass of Adam over float batches (made binary if `dynamic`): the loss terms' sums."""
+    """One pass of Adam over batches of (float images, labels), the images made binary if
+    `dynamic`: the sums of the loss terms, of the objective and of the images."""
     model.train()
-    sums = torch.zeros(3, device=next(model.parameters()).device)
-    for x in batches:
+    sums = torch.zeros(4, device=next(model.parameters()).device)
+    for x, y in batches:
         x = torch.bernoulli(x) if dynamic else x
-        logits, z_mean, z_log_var = model(x)
-        reconstruction_loss, kl_loss = negative_elbo(x, logits, z_mean, z_log_var)
-        loss = (reconstruction_loss + kl_weight * kl_loss).mean()  # per image, not per pixel
+        loss, reconstruction_loss, kl_loss = objective(x, model(x, y), kl_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.mean().backward()  # per image, not per pixel
         optimizer.step()
-        sums += torch.stack((reconstruction_loss.sum(), kl_loss.sum(), x.new_tensor(len(x))))
+        sums += torch.stack((reconstruction_loss.sum(), kl_loss.sum(), loss.sum(),
+                             x.new_tensor(len(x))))
     return sums.detach()
 
 
 def train(model, optimizer, data, args, history):
-    """Epochs len(history) + 1 to --epochs on data = (x_train, x_test), each trained, evaluated,
-    printed and checkpointed; under torchrun each process takes its share of every batch."""
+    """Epochs len(history) + 1 to --epochs on data = (x_train, y_train, x_test, y_test), each
+    trained, evaluated, printed and checkpointed; under torchrun each process takes its share of
+    every batch."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    x_train = torch.from_numpy(data[0]).to(next(model.parameters()).device)  # uint8, once
+    device = next(model.parameters()).device
+    x_train, y_train = (torch.from_numpy(a).to(device) for a in data[:2])  # uint8, once
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
         torch.manual_seed(hash((args.seed, epoch, rank)))  # the epoch's noise: nothing to save
         for group in optimizer.param_groups:
             group["lr"] = args.lr * args.lr_decay ** (epoch - 1)
         order = epoch_order(args, epoch, len(x_train))
-        order = torch.from_numpy(order[:len(order) // world_size * world_size]).to(x_train.device)
-        batches = (x_train[rows[rank::world_size]].float() / 255
-                   for rows in order.split(args.batch_size))
+        order = torch.from_numpy(order[:len(order) // world_size * world_size]).to(device)
+        batches = ((x_train[rows].float() / 255, y_train[rows])
+                   for rows in (rows[rank::world_size] for rows in order.split(args.batch_size)))
         sums = train_epoch(net, optimizer, batches, kl_weight(args, epoch),
                            args.binarize == "dynamic")
         if world_size > 1:
             dist.all_reduce(sums)
-        test, z_mean = evaluate(model, data[1])
-        record = epoch_record(args, history, ((sums[:2] / sums[2]).tolist(), test), z_mean,
+        test, z_mean = evaluate(model, data[2:])
+        train_losses = (sums[:3] / sums[3]).tolist()
+        record = epoch_record(args, history, (train_losses, test), z_mean,
                               time.perf_counter() - start)
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, optimizer, args,
@@ -177,30 +225,37 @@ def train(model, optimizer, data, args, history):
 
 
 @torch.no_grad()
-def evaluate(model, x_test):
-    """The test set's (reconstruction_loss, kl_loss) means and every image's z_mean (numpy)."""
+def evaluate(model, test):
+    """The test set's (reconstruction_loss, kl_loss) means and every image's z_mean (numpy),
+    for test = (x_test, y_test)."""
     model.eval()
-    sums, z_means = 0, []
-    for x in torch.from_numpy(x_test).to(next(model.parameters()).device).split(EVAL_BATCH_SIZE):
+    device, sums, z_means = next(model.parameters()).device, 0, []
+    x_test, y_test = (torch.from_numpy(a).to(device) for a in test)
+    for x, y in zip(x_test.split(EVAL_BATCH_SIZE), y_test.split(EVAL_BATCH_SIZE)):
         x = x.float() / 255
-        logits, z_mean, z_log_var = model(x)
+        logits, z_mean, z_log_var, _ = model(x, y)
         sums += torch.stack([term.sum() for term in negative_elbo(x, logits, z_mean, z_log_var)])
         z_means.append(z_mean)
     return (sums / len(x_test)).tolist(), torch.cat(z_means).cpu().numpy()
 
 
-def iw_bound(model, x_test, num_samples, seed):
-    """The importance-weighted bound on -log p(x) over the test set, from noise of its own seed."""
+def iw_bound(model, test, num_samples, seed):
+    """The test set's mean importance-weighted bound on -log p(x), from noise of its own seed;
+    for a conditional model, on -log p(x|y) and on -log p(x). test = (x_test, y_test)."""
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    images, total = max(1, IW_ROWS // num_samples), 0.0
-    for x in progress(torch.from_numpy(x_test).to(device).split(images), num_samples,
-                      len(x_test)):
+    images, totals = max(1, IW_ROWS // num_samples), []
+    x_test, y_test = (torch.from_numpy(a).to(device).split(images) for a in test)
+    for x, y in progress(zip(x_test, y_test), num_samples, len(test[0])):
+        x = x.float() / 255
         eps = torch.randn((num_samples, len(x), model.latent_dim), generator=generator,
                           device=device)
-        total += importance_weighted_nll(model, x.float() / 255, eps, IW_ROWS // images).sum()
-    return float(total) / len(x_test)
+        nll = [importance_weighted_nll(model, x, y, eps)]
+        if model.num_classes:
+            nll.append(label_marginal_nll(model, x, eps))
+        totals.append(torch.stack(nll).double().sum(1))
+    return (torch.stack(totals).sum(0) / len(test[0])).tolist()
 
 
 # The rest of this section is the same text in both scripts.
@@ -219,18 +274,19 @@ def active_units(z_mean):
 def epoch_record(args, history, losses, z_mean, seconds):
     """The next epoch's history entry from both splits' (reconstruction_loss, kl_loss), printed;
     a NaN or infinite loss stops the run before it reaches the checkpoint."""
-    epoch = len(history) + 1
-    if not math.isfinite(sum(losses[0])):
+    epoch, (train, test) = len(history) + 1, losses
+    if not math.isfinite(sum(train)):
         raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
                         f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
-    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), losses):
+    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), (train[:2], test)):
         record.update({f"{split}_loss": reconstruction_loss + kl_loss,  # the true -ELBO
                        f"{split}_reconstruction_loss": reconstruction_loss,
                        f"{split}_kl_loss": kl_loss})
-    record.update(active_units=active_units(z_mean), seconds=seconds)
-    print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}  test loss "
-          f"{record['test_loss']:.2f} (rec {losses[1][0]:.2f} + kl {losses[1][1]:.2f})  "
+    record.update(train_objective=train[2], active_units=active_units(z_mean), seconds=seconds)
+    iwae = f" (IWAE bound, k={args.iwae}: {train[2]:.2f})" if args.iwae > 1 else ""
+    print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
+          f"{test[0] + test[1]:.2f} (rec {test[0]:.2f} + kl {test[1]:.2f})  "
           f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
     if record["active_units"] == 0:
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
@@ -332,22 +388,30 @@ def download(dataset):
 # Figures (the same text in both scripts) ------------------------------------------------------
 
 def save_figures(args, history, test, z_mean, decode):
-    """The six pictures, from test = (x_test uint8, y_test), its z_mean and decode(z) -> pixel
-    means (numpy in and out); each decodes its whole batch in one call."""
+    """The six pictures, from test = (x_test uint8, y_test), its z_mean and the model's
+    decode(z, y) -> pixel means (numpy in and out); each decodes its whole batch in one call."""
     (x, labels), names = test, CLASS_NAMES[args.dataset]
     x, path = x / np.float32(255), lambda name: os.path.join(args.out_dir, name)
-    rows = np.concatenate([x[:10], decode(z_mean[:10]), x[10:20], decode(z_mean[10:20])])
+    pixels = decode(z_mean[:20], labels[:20])
+    rows = np.concatenate([x[:10], pixels[:10], x[10:20], pixels[10:]])
     mosaic(rows, 10, "test digits and their reconstructions (at z_mean)",
            ["test digit", "reconstruction"] * 2).figure.savefig(path("reconstructions.png"))
     z = np.random.default_rng(args.seed).standard_normal((100, args.latent_dim), np.float32)
-    mosaic(decode(z), 10, "samples from the prior, z ~ N(0, I)").figure.savefig(
-        path("samples.png"))
-    # Rows from the first test digit of class k to the first of class k + 1, through the
-    # decoder along the straight line between their z_mean.
-    starts, ends = (np.array([np.argmax(labels == k + d) for k in range(8)]) for d in (0, 1))
+    y, row_labels, title = None, (), "samples from the prior, z ~ N(0, I)"
+    if args.conditional:  # z is the style, y the class: one row a label, one z a column
+        z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
+        title += ": a row per label y, the same z down each column"
+    mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
+    # Rows from the first test digit of class k to the first of class k + 1 (a conditional
+    # model's: to the next of class k, with label k), through the decoder along the straight
+    # line between their z_mean.
+    starts = np.array([np.argmax(labels == k) for k in range(8)])
+    ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
+                     np.argmax(labels == k + 1) for k in range(8)])
     steps = np.linspace(0.0, 1.0, 10, dtype=np.float32)[None, :, None]
     line = ((1 - steps) * z_mean[starts, None] + steps * z_mean[ends, None]).reshape(80, -1)
-    rows = np.concatenate([x[starts, None], decode(line).reshape(8, 10, 784), x[ends, None]], 1)
+    pixels = decode(line, np.repeat(labels[starts], 10)).reshape(8, 10, 784)
+    rows = np.concatenate([x[starts, None], pixels, x[ends, None]], 1)
     ax = mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line "
                 "between their z_mean | real digit",
                 [f"{names[labels[a]]} to {names[labels[b]]}" for a, b in zip(starts, ends)])
@@ -379,7 +443,9 @@ def save_latent_plots(args, z_mean, labels, decode):
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
     first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
     grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
-    ax = mosaic(decode(grid.astype(np.float32)), 20, "decoder means on a grid of z",
+    label = f", label {CLASS_NAMES[args.dataset][0]}" if args.conditional else ""
+    title = "decoder means on a grid of z" + label
+    ax = mosaic(decode(grid.astype(np.float32), np.zeros(400, int)), 20, title,
                 extent=(-2, 2, -2, 2))
     ax.set(xlabel=axes[0], ylabel=axes[1])
     ax.figure.savefig(os.path.join(args.out_dir, "latent_manifold.png"))
@@ -431,7 +497,7 @@ def load_checkpoint(path):
     """(model on the CPU, dict of flags, history and Adam): needs no data and no GPU."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = VAE(state["config"]["arch"], state["config"]["latent_dim"])
+        model = build_model(state["config"])
         model.load_state_dict(state["model"])
     except Exception as error:  # torch raises many types for a damaged zip or pickle
         raise UserError(f"{path} is truncated or corrupt ({type(error).__name__}); delete it "
@@ -462,36 +528,51 @@ def start_processes(args):
 
 # The rest of this section is the same text in both scripts.
 
+def build_model(config):
+    """The VAE that the flags in `config` (a dict) describe, as made afresh or read back."""
+    return VAE(config["arch"], config["latent_dim"], 10 if config.get("conditional") else 0,
+               config.get("iwae", 1))
+
+
 def resume_flags(args, given, saved):
-    """--resume continues the checkpoint's run (`saved`) with its flags but --epochs,
-    --iw-samples, --device and --lr; a fresh run must not write over an unfinished one."""
+    """--resume continues the checkpoint's run (`saved`) with its flags; only --epochs,
+    --iw-samples, --device, --lr and --data-dir may differ. A fresh run must not write over an
+    unfinished one."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
     if not args.resume and saved and done < saved["config"]["epochs"]:
         raise UserError(f"{path} holds an unfinished run ({done} of {saved['config']['epochs']} "
                         "epochs); pass --resume to continue it, or delete it to start afresh")
     if args.resume and not saved:
         raise UserError(f"no {path} to resume; run without --resume to start afresh")
-    fixed = sorted(given - {"epochs", "iw_samples", "device", "lr", "out_dir", "resume"})
-    if args.resume and fixed:
-        raise UserError(f"--{fixed[0].replace('_', '-')}: a resumed run keeps the flags of its "
-                        "checkpoint but --epochs, --iw-samples, --device and --lr")
-    if args.resume:  # --epochs up to those done: no training, the figures and bound redrawn
-        vars(args).update({k: v for k, v in saved["config"].items() if k not in given})
-        args.epochs = max(args.epochs, done)
+    if not args.resume:
+        return
+    free = {"epochs", "iw_samples", "device", "lr", "data_dir", "out_dir", "resume"}
+    for name in sorted(given - free):
+        if vars(args)[name] != saved["config"].get(name):
+            raise UserError(f"--{name.replace('_', '-')}: the run in {path} has "
+                            f"{saved['config'].get(name)}; a resumed run may change only "
+                            "--epochs, --iw-samples, --device, --lr and --data-dir")
+    # --epochs up to those done: no training, the figures and bound redrawn
+    vars(args).update({k: v for k, v in saved["config"].items() if k not in given})
+    args.epochs = max(args.epochs, done)
 
 
 def write_metrics(args, run, history, iw_nll):
-    """metrics.json, renamed into place once whole: the run, the flags, history and results."""
+    """metrics.json, renamed into place once whole: the run, the flags, history and results;
+    iw_nll: the bound on -log p(x), or on -log p(x|y) and -log p(x) for a conditional model."""
     test = {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss",
                                                          "kl_loss")}
+    bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
+    objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
     path = os.path.join(args.out_dir, "metrics.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({**run, "config": vars(args), "history": history,
-                   "test": {**test, "iw_nll": iw_nll, "iw_samples": args.iw_samples}}, f, indent=2)
+        json.dump({**run, "objective": objective, "config": vars(args), "history": history,
+                   "test": {**test, "iw_nll": iw_nll[0], "iw_bounds": bounds,
+                            "iw_samples": args.iw_samples}}, f, indent=2)
     os.replace(path + ".tmp", path)
-    print(f"importance-weighted bound, K={args.iw_samples}: -log p(x) <= {iw_nll:.2f} nats per "
-          f"image; test loss {test['loss']:.2f}; figures, metrics.json and {CHECKPOINT} in "
-          f"{args.out_dir}")
+    print(f"importance-weighted bound, K={args.iw_samples}: " + ", ".join(
+        f"{name} <= {value:.2f}" for name, value in bounds.items()) + " nats per image; test "
+        f"loss {test['loss']:.2f}; figures, metrics.json and {CHECKPOINT} in {args.out_dir}")
 
 
 # Command line and errors (the same text in both scripts) --------------------------------------
@@ -554,8 +635,14 @@ def build_parser():
     add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
         "metrics.json and the checkpoint go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
+    add("--conditional", action="store_true", help="a conditional VAE, q(z|x, y) and "
+        "p(x|z, y), that draws the digit you name; its bound is on -log p(x|y), and on -log p(x) "
+        "at ten times the cost")
+    add("--iwae", type=int, default=1, help="train on the IWAE bound with this many samples of "
+        "z per image (Burda et al., 2015); 1: the ELBO")
     add("--resume", action="store_true", help="continue the run whose checkpoint is in "
-        "--out-dir, with its flags but --epochs, --iw-samples, --device and --lr")
+        "--out-dir, with its flags; --epochs, --iw-samples, --device, --lr and --data-dir may "
+        "change")
     return parser
 
 
@@ -564,7 +651,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     lowest = {"epochs": 0 if args.resume else 1, "batch_size": 1, "latent_dim": 2, "beta": 0,
-              "kl_warmup_epochs": 0, "iw_samples": 1, "seed": 0, "steps_per_epoch": 1}
+              "kl_warmup_epochs": 0, "iw_samples": 1, "iwae": 1, "seed": 0, "steps_per_epoch": 1}
     for name, low in lowest.items():
         value = getattr(args, name)
         if value is not None and not value >= low:  # nan too
@@ -589,29 +676,29 @@ def main(argv=None):
         path = os.path.join(args.out_dir, CHECKPOINT)
         model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
         resume_flags(args, given, saved)
-        x_train, y_train, x_test, y_test = load_data(args)
+        data = load_data(args)  # x_train, y_train, x_test, y_test
         os.makedirs(args.out_dir, exist_ok=True)
-        if not args.resume:
+        if args.resume:
+            history.extend(saved["history"])
+            print(f"resuming after epoch {len(history)} of {path}")
+        else:
             torch.manual_seed(args.seed)  # the initial weights
-            model = VAE(args.arch, args.latent_dim)
+            model = build_model(vars(args))
         optimizer = torch.optim.Adam(model.to(device).parameters(), lr=args.lr,
                                      fused=device.type != "mps")
         if args.resume:
             optimizer.load_state_dict(saved["optimizer"])
-            history.extend(saved["history"])
-            print(f"resuming after epoch {len(history)} of {path}")
         where = f"{dist.get_world_size()} processes" if dist.is_initialized() else str(device)
-        print(f"PyTorch {torch.__version__} on {where}; {len(x_train)} training and "
-              f"{len(x_test)} test images", flush=True)
+        print(f"PyTorch {torch.__version__} on {where}; {len(data[0])} training and "
+              f"{len(data[2])} test images", flush=True)
         started = time.time()
-        train(model, optimizer, (x_train, x_test), args, history)
+        train(model, optimizer, data, args, history)
         if rank == 0:
             with torch.no_grad():
-                decode = lambda z: torch.sigmoid(model.decoder(torch.from_numpy(z).to(device)))
-                save_figures(args, history, (x_test, y_test), evaluate(model, x_test)[1],
-                             lambda z: decode(z).cpu().numpy())
+                decode = lambda z, y: model.decode(torch.from_numpy(z).to(device), y).cpu().numpy()
+                save_figures(args, history, data[2:], evaluate(model, data[2:])[1], decode)
             iw_started = time.time()
-            iw_nll = iw_bound(model, x_test, args.iw_samples, args.seed)
+            iw_nll = iw_bound(model, data[2:], args.iw_samples, args.seed)
             timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
             write_metrics(args, {"framework": FRAMEWORK, "backend": "torch", "device": where,
                                  "versions": {"torch": torch.__version__}, "timing": timing},

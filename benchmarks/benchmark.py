@@ -156,14 +156,14 @@ def reference(data_dir, epochs, arch, device):
         start = time.perf_counter()
         for x, _ in loader:
             x = x.to(device).view(-1, 784)
-            reconstruction_loss, kl_loss = sp.negative_elbo(x, *model(x))
+            reconstruction_loss, kl_loss = sp.negative_elbo(x, *model(x)[:3])
             optimizer.zero_grad()
             (reconstruction_loss + kl_loss).mean().backward()
             optimizer.step()
         with torch.no_grad():
             for x, _ in test_loader:
                 x = x.to(device).view(-1, 784)
-                reconstruction_loss, kl_loss = sp.negative_elbo(x, *model(x))
+                reconstruction_loss, kl_loss = sp.negative_elbo(x, *model(x)[:3])
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)

@@ -57,21 +57,34 @@ class Script:
         with torch.no_grad():
             return self.numpy(function(*(self.tensor(a) for a in arrays)))
 
-    def model(self, arch="mlp", latent_dim=2, seed=0):
+    def model(self, arch="mlp", latent_dim=2, seed=0, num_classes=0, samples=1):
         if self.name == "pytorch":
             torch.manual_seed(seed)
-            return self.module.VAE(arch, latent_dim).eval()
+            return self.module.VAE(arch, latent_dim, num_classes, samples).eval()
         self.keras.utils.set_random_seed(seed)
-        model = self.module.VAE(arch, latent_dim)
-        model(np.zeros((1, 784), np.float32))
+        model = self.module.VAE(arch, latent_dim, num_classes, samples)
+        x = np.zeros((1, 784), np.float32)
+        model([x, np.zeros(1, np.int32)] if num_classes else x)
         return model
 
-    def encode(self, model, x):
-        return self.call(model.encode, x)
+    def encode(self, model, x, y=None):
+        return self.call(lambda x: model.encode(x, y), x)
 
-    def decode(self, model, z):
+    def decode(self, model, z, y=None):
         """The decoder's logits."""
-        return self.call(model.decoder, z)
+        return self.call(lambda z: model.decode_logits(z, y), z)
+
+    def gradient(self, function, array):
+        """d sum(function(array)) / d array, numpy in and out, by the backend's autodiff."""
+        if self.name == "keras" and self.keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+            variable = tf.Variable(np.asarray(array, np.float32))
+            with tf.GradientTape() as tape:
+                total = tf.reduce_sum(function(variable))
+            return tape.gradient(total, variable).numpy()
+        tensor = torch.tensor(np.asarray(array, np.float32), requires_grad=True)
+        function(tensor).sum().backward()
+        return tensor.grad.numpy()
 
     def layer(self, model, part):
         """The (kernel or weight, bias) variables of "z_mean", "decoder_first" or "decoder_last"."""
@@ -87,7 +100,7 @@ class Script:
         """One training step of plain SGD on the batch x, as the script trains."""
         if self.name == "pytorch":
             return self.module.train_epoch(model, torch.optim.SGD(model.parameters(), lr=lr),
-                                           [torch.from_numpy(x)], kl_weight)
+                                           [(torch.from_numpy(x), None)], kl_weight)
         model.kl_weight.assign(kl_weight)
         model.compile(optimizer=self.keras.optimizers.SGD(lr))
         return model.train_on_batch(x)

@@ -11,7 +11,8 @@ from conftest import call_main, write_dataset, write_idx
 
 def args_for(**flags):
     return argparse.Namespace(**{"data_dir": None, "dataset": "mnist", "binarize": "none",
-                                 "seed": 0, "batch_size": 8, "steps_per_epoch": None, **flags})
+                                 "seed": 0, "batch_size": 8, "steps_per_epoch": None,
+                                 "conditional": False, **flags})
 
 
 def test_the_shipped_mnist_is_the_default(script):
@@ -77,20 +78,21 @@ class Recorder(torch.nn.Module):
         super().__init__()
         self.weight, self.seen = torch.nn.Parameter(torch.zeros(())), []
 
-    def forward(self, x):
+    def forward(self, x, y=None):
         self.seen.append(x.numpy().copy())
         zeros = torch.zeros(len(x), 2) + self.weight
-        return torch.zeros(len(x), 784) + self.weight, zeros, zeros
+        return torch.zeros(1, len(x), 784) + self.weight, zeros, zeros, zeros[None]
 
 
 def training_images(script, images, epoch, binarize):
     """The float images the script trains on in `epoch`, in order."""
     args = args_for(binarize=binarize)
     if script.name == "keras":
-        return script.module.epoch_images(images, args, epoch)
+        return script.module.epoch_inputs((images, None), args, epoch)
     order = script.module.epoch_order(args, epoch, len(images))
     recorder = Recorder()
-    batches = [torch.from_numpy(images[rows] / np.float32(255)) for rows in np.split(order, 4)]
+    batches = [(torch.from_numpy(images[rows] / np.float32(255)), None)
+               for rows in np.split(order, 4)]
     script.module.train_epoch(recorder, torch.optim.SGD(recorder.parameters(), lr=0.0), batches,
                               1.0, binarize == "dynamic")
     return np.concatenate(recorder.seen)

@@ -63,7 +63,8 @@ def test_kl_loss_is_the_gaussian_kl_to_the_prior(script, scale):
 def test_the_iw_bound_is_a_log_mean_exp_of_the_importance_weights(script):
     model = script.model("mlp", latent_dim=3)
     x, eps = (RNG.random((4, 784)) < 0.3).astype(np.float32), RNG.normal(size=(50, 4, 3))
-    ours = script.call(lambda x, eps: script.module.importance_weighted_nll(model, x, eps), x, eps)
+    ours = script.call(lambda x, eps: script.module.importance_weighted_nll(model, x, None, eps),
+                       x, eps)
     # The same bound, written out in float64 from the model's encoder and decoder outputs.
     z_mean, z_log_var = (np.float64(a) for a in script.encode(model, x))
     z = z_mean + np.exp(0.5 * z_log_var) * eps
@@ -72,10 +73,6 @@ def test_the_iw_bound_is_a_log_mean_exp_of_the_importance_weights(script):
     top = log_w.max(axis=0)
     expected = -(top + np.log(np.mean(np.exp(log_w - top), axis=0)))
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
-    # and so at any size of the decoder's chunks
-    chunked = script.call(lambda x, eps: script.module.importance_weighted_nll(
-        model, x, eps, chunk=7), x, eps)
-    np.testing.assert_allclose(chunked, ours, rtol=1e-6)
 
 
 def test_the_iw_bound_tightens_with_k_and_has_the_elbos_mean_at_k_1(script, digits_dir):
@@ -98,7 +95,8 @@ def test_the_iw_bound_tightens_with_k_and_has_the_elbos_mean_at_k_1(script, digi
     elbo_terms = -log_bernoulli(x, logits) + kl  # (20 draws, 200 images)
     # The K = 1 bound's own Monte-Carlo error: one draw of -log w per image, KL included.
     single = elbo_terms - kl - log_normal(z, 0, 0) + log_normal(z, z_mean, z_log_var)
-    bound = {k: script.module.iw_bound(model, x_test, k, seed=0) for k in (1, 100)}
+    test = (x_test, np.zeros(200, np.uint8))
+    bound = {k: script.module.iw_bound(model, test, k, seed=0)[0] for k in (1, 100)}
     standard_error = single.std() / math.sqrt(200) + elbo_terms.std() / math.sqrt(4000)
     assert abs(bound[1] - elbo_terms.mean()) < 4 * standard_error
     assert bound[100] < bound[1] - 1.0
@@ -182,3 +180,101 @@ def test_the_keras_maths_hold_on_the_torch_backend():
 def test_active_units_are_dimensions_whose_posterior_mean_varies_over_a_hundredth(script):
     z_mean = RNG.normal(size=(4000, 5)) * np.array([1.0, 0.5, 0.09, 0.11, 0.0])
     assert script.module.active_units(z_mean) == 3
+
+
+def iwae_inputs(k, n=5, latent_dim=3):
+    """x, logits (k, n, 784), z_mean, z_log_var and eps (k, n, latent_dim) of a K-sample bound."""
+    x = (RNG.random((n, 784)) < 0.3).astype(np.float32)
+    logits = RNG.normal(scale=2, size=(k, n, 784)).astype(np.float32)
+    z_mean, z_log_var = RNG.normal(scale=0.7, size=(2, n, latent_dim)).astype(np.float32)
+    return x, logits, z_mean, z_log_var, RNG.normal(size=(k, n, latent_dim)).astype(np.float32)
+
+
+def log_weights(x, logits, z_mean, z_log_var, eps, kl_weight=1.0):
+    """log p(x|z_k) + kl_weight * (log p(z_k) - log q(z_k|x)) in float64, from the densities."""
+    z_mean, z_log_var, eps = np.float64(z_mean), np.float64(z_log_var), np.float64(eps)
+    z = z_mean + np.exp(0.5 * z_log_var) * eps
+    return log_bernoulli(x, logits) + kl_weight * (log_normal(z, 0, 0) -
+                                                   log_normal(z, z_mean, z_log_var))
+
+
+def test_the_iwae_objective_at_k_1_is_the_single_sample_elbo_for_the_same_eps(script):
+    x, logits, z_mean, z_log_var, eps = iwae_inputs(1)
+    ours = script.call(script.module.negative_iw_bound, x, logits, z_mean, z_log_var, eps)
+    np.testing.assert_allclose(ours, -log_weights(x, logits, z_mean, z_log_var, eps)[0],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("kl_weight", [1.0, 0.3])
+def test_the_iwae_objective_and_its_gradient_match_a_float64_log_mean_exp(script, kl_weight):
+    """-log (1/K) sum_k w_k at K = 5, the KL weight on log p(z) - log q(z|x) in each
+    log-weight; and its gradient with respect to a bias on the decoder's output, which is
+    sum_k softmax(log w)_k * (sigmoid(logits_k) - x) for each image."""
+    x, logits, z_mean, z_log_var, eps = iwae_inputs(5)
+    log_w = log_weights(x, logits, z_mean, z_log_var, eps, kl_weight)
+    top = log_w.max(axis=0)
+    expected = -(top + np.log(np.mean(np.exp(log_w - top), axis=0)))
+    bound = lambda *arrays: script.module.negative_iw_bound(*arrays, kl_weight)
+    ours = script.call(bound, x, logits, z_mean, z_log_var, eps)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    tensors = [script.tensor(a) for a in (x, logits, z_mean, z_log_var, eps)]
+    gradient = script.gradient(lambda bias: bound(tensors[0], tensors[1] + bias, *tensors[2:]),
+                               np.zeros(784))
+    softmax = np.exp(log_w - top) / np.exp(log_w - top).sum(axis=0)
+    expected = np.einsum("kn,knp->p", softmax, 1 / (1 + np.exp(-np.float64(logits))) - x)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_minimises_the_elbo_at_k_1_and_the_iwae_bound_at_k_above_1(script):
+    """objective(): at one sample the closed-form-KL -ELBO with the KL weighted, at K samples the
+    K-sample bound; the reconstruction term reported is the mean over the samples."""
+    for k in (1, 4):
+        x, logits, z_mean, z_log_var, eps = iwae_inputs(k)
+        loss, reconstruction_loss, kl_loss = script.call(
+            lambda *arrays: script.module.objective(arrays[0], arrays[1:], 0.5),
+            x, logits, z_mean, z_log_var, eps)
+        kl = 0.5 * np.sum(z_mean ** 2 + np.exp(z_log_var) - 1 - z_log_var, axis=-1)
+        np.testing.assert_allclose(reconstruction_loss, -log_bernoulli(x, logits).mean(0),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(kl_loss, kl, rtol=1e-4)
+        if k == 1:
+            np.testing.assert_allclose(loss, reconstruction_loss + 0.5 * kl, rtol=1e-5)
+        else:
+            log_w = log_weights(x, logits, z_mean, z_log_var, eps, 0.5)
+            top = log_w.max(axis=0)
+            expected = -(top + np.log(np.mean(np.exp(log_w - top), axis=0)))
+            np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_the_label_marginal_bound_is_a_log_mean_exp_over_labels_of_the_iw_bounds(script):
+    """A conditional model's bound on -log p(x), p(x) = (1/10) sum_y p(x|y): for each label its
+    K-sample log-weights written out in float64, then log (1/10) sum_y (1/K) sum_k w_yk."""
+    model = script.model("mlp", latent_dim=3, num_classes=10)
+    x, eps = (RNG.random((4, 784)) < 0.3).astype(np.float32), RNG.normal(size=(30, 4, 3))
+    ours = script.call(lambda x, eps: script.module.label_marginal_nll(model, x, eps), x, eps)
+    log_w = []
+    for label in range(10):
+        y = np.full(4, label)
+        z_mean, z_log_var = (np.float64(a) for a in script.encode(model, x, y))
+        z = z_mean + np.exp(0.5 * z_log_var) * eps
+        logits = script.decode(model, z, y)
+        log_w.append(log_bernoulli(x, logits) + log_normal(z, 0, 0) -
+                     log_normal(z, z_mean, z_log_var))
+    log_w = np.concatenate(log_w)  # (10 labels x 30 samples, images): one mean over all
+    top = log_w.max(axis=0)
+    np.testing.assert_allclose(ours, -(top + np.log(np.mean(np.exp(log_w - top), axis=0))),
+                               rtol=1e-5)
+
+
+def test_the_label_reaches_both_the_encoder_and_the_decoder(script):
+    """One image encoded with y = 0..9 gives ten posteriors; one z decoded with y = 0..9 gives
+    ten different images."""
+    model = script.model("mlp", latent_dim=2, num_classes=10)
+    x, labels = np.repeat(RNG.random((1, 784)), 10, axis=0), np.arange(10)
+    z_mean, z_log_var = script.encode(model, x, labels)
+    assert len(np.unique(z_mean.round(5), axis=0)) == 10
+    assert len(np.unique(z_log_var.round(5), axis=0)) == 10
+    images = script.call(lambda z: model.decode(z, labels), np.zeros((10, 2)))
+    assert images.min() >= 0 and images.max() <= 1
+    differences = np.abs(images[:, None] - images[None]).max(-1)
+    assert (differences + np.eye(10) > 1e-3).all()

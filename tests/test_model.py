@@ -14,8 +14,22 @@ RNG = np.random.default_rng(1)
 def test_both_architectures_take_any_batch(script, arch, batch):
     model = script.model(arch, latent_dim=3)
     x = RNG.random((batch, 784)).astype(np.float32)
-    logits, z_mean, z_log_var = script.call(model, x)
-    assert logits.shape == (batch, 784) and z_mean.shape == z_log_var.shape == (batch, 3)
+    logits, z_mean, z_log_var, eps = script.call(model, x)
+    assert logits.shape == (1, batch, 784) and z_mean.shape == z_log_var.shape == (batch, 3)
+    assert eps.shape == (1, batch, 3)
+
+
+def test_an_iwae_model_draws_k_samples_per_image_in_training_and_one_in_evaluation(script):
+    model = script.model("mlp", latent_dim=3, samples=5)
+    x = RNG.random((4, 784)).astype(np.float32)
+    if script.name == "pytorch":
+        training = script.call(model.train(), x)
+        evaluation = script.call(model.eval(), x)
+    else:
+        training, evaluation = (script.call(lambda x: model(x, training=t), x) for t in (1, 0))
+    assert training[0].shape == (5, 4, 784) and training[3].shape == (5, 4, 3)
+    assert evaluation[0].shape == (1, 4, 784)
+    assert not np.allclose(training[0][0], training[0][1])  # five draws, not one five times
 
 
 def copy_pytorch_weights(torch_model, keras_model, arch):
@@ -44,25 +58,64 @@ def copy_pytorch_weights(torch_model, keras_model, arch):
         keras_layer.set_weights([kernel, bias])
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_pytorch_and_keras_compute_the_same_function(arch):
-    """Same weights, images and noise: the same z_mean, z_log_var, logits, loss terms and
-    importance-weighted bound, to float32 rounding."""
+@pytest.mark.parametrize("arch, num_classes", [("mlp", 0), ("conv", 0), ("mlp", 10),
+                                                ("conv", 10)])
+def test_pytorch_and_keras_compute_the_same_function(arch, num_classes):
+    """Same weights, images, labels and noise: the same z_mean, z_log_var, logits, loss terms
+    and importance-weighted bounds (a conditional model's on -log p(x) too), to float32
+    rounding."""
     pytorch, keras = Script("pytorch"), Script("keras")
-    torch_model, keras_model = pytorch.model(arch, 3), keras.model(arch, 3)
+    torch_model, keras_model = (script.model(arch, 3, num_classes=num_classes)
+                                for script in (pytorch, keras))
     copy_pytorch_weights(torch_model, keras_model, arch)
     x = (RNG.random((6, 784)) < 0.4).astype(np.float32)
+    y = np.arange(6) if num_classes else None
     eps = RNG.normal(size=(40, 6, 3)).astype(np.float32)
     results = []
     for script, model in ((pytorch, torch_model), (keras, keras_model)):
-        z_mean, z_log_var = script.encode(model, x)
+        z_mean, z_log_var = script.encode(model, x, y)
         z = script.call(script.module.reparameterize, z_mean, z_log_var, eps[0])
-        logits = script.decode(model, z)
+        logits = script.decode(model, z, y)
         terms = script.call(script.module.negative_elbo, x, logits, z_mean, z_log_var)
-        bound = script.call(lambda x, eps: script.module.importance_weighted_nll(model, x, eps),
-                            x, eps)
-        results.append([z_mean, z_log_var, logits, *terms, bound])
-    names = ["z_mean", "z_log_var", "logits", "reconstruction_loss", "kl_loss", "iw bound"]
+        bounds = [script.call(lambda x, eps: script.module.importance_weighted_nll(
+            model, x, y, eps), x, eps)]
+        if num_classes:
+            bounds.append(script.call(lambda x, eps: script.module.label_marginal_nll(
+                model, x, eps), x, eps))
+        results.append([z_mean, z_log_var, logits, *terms, *bounds])
+    names = ["z_mean", "z_log_var", "logits", "reconstruction_loss", "kl_loss", "iw bound",
+             "label-marginal bound"]
     for name, theirs, ours in zip(names, *results):
         relative = np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
         assert relative < 1e-5, name
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_keras_initialises_each_layer_as_pytorch_does(arch):
+    """PyTorch's default: every weight and every bias uniform in +-1/sqrt(fan_in), each drawn
+    on its own. Keras's layers, one by one against PyTorch's: the same bound, a uniform's
+    variance, and biases independent of their kernels (one shared initializer made each bias
+    equal to its kernel's first row)."""
+    torch_model, keras_model = Script("pytorch").model(arch, 20), Script("keras").model(arch, 20)
+    theirs = [p.detach().numpy() for p in torch_model.parameters()]
+    # Keras's variables in PyTorch's order of layers: encoder, z_mean, z_log_var, decoder.
+    layers = [*keras_model.encoder.layers, keras_model.z_mean, keras_model.z_log_var,
+              *keras_model.decoder.layers]
+    ours = [np.asarray(w) for layer in layers for w in layer.get_weights()]
+    assert [a.size for a in ours] == [a.size for a in theirs]
+    for kernel, bias, torch_weight, torch_bias in zip(ours[::2], ours[1::2], theirs[::2],
+                                                      theirs[1::2]):
+        # PyTorch's fan-in: dimension 1 of a weight (a transposed conv's output channels) times
+        # the kernel's size.
+        bound = 1 / np.sqrt(torch_weight.shape[1] * np.prod(torch_weight.shape[2:]))
+        for values, torch_values in ((kernel, torch_weight), (bias, torch_bias)):
+            assert np.abs(values).max() <= bound * 1.0001
+            assert np.abs(torch_values).max() <= bound * 1.0001
+            if values.size > 200:  # enough draws to tell the variance
+                assert values.var() == pytest.approx(torch_values.var(), rel=0.25)
+                assert values.var() == pytest.approx(bound ** 2 / 3, rel=0.25)
+        assert np.abs(kernel).max() > 0.9 * bound
+        first_row = kernel.reshape(-1, kernel.shape[-1])[0]
+        assert not np.allclose(bias, first_row[:bias.size])
+        if bias.size > 100:
+            assert abs(np.corrcoef(bias, first_row[:bias.size])[0, 1]) < 0.3

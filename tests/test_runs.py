@@ -20,7 +20,7 @@ from conftest import (FIGURES, ROOT, Script, call_main, history, one_error_line,
 from test_maths import log_bernoulli, log_normal
 
 METRICS_KEYS = {"framework", "backend", "config", "device", "versions", "history", "test",
-                "timing"}
+                "timing", "objective"}
 
 
 @pytest.mark.subprocess
@@ -92,9 +92,11 @@ def test_the_reported_test_loss_and_bound_match_an_independent_computation(scrip
     assert metrics["history"][-1]["active_units"] == active
 
 
-def test_a_resumed_run_ends_as_an_uninterrupted_one(script, tmp_path, data_dir, capsys):
+@pytest.mark.parametrize("model", [[], ["--conditional", "--iwae", "3"]],
+                         ids=["vae", "conditional iwae"])
+def test_a_resumed_run_ends_as_an_uninterrupted_one(script, model, tmp_path, data_dir, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ["--binarize", "dynamic", "--lr-decay", "0.9", "--kl-warmup-epochs", "2"]
+    flags = ["--binarize", "dynamic", "--lr-decay", "0.9", "--kl-warmup-epochs", "2", *model]
     assert call_main(script, quick(data_dir, straight, "--epochs", "3", *flags), capsys)[0] == 0
     assert call_main(script, quick(data_dir, resumed, "--epochs", "2", *flags), capsys)[0] == 0
     code, err = call_main(script, ["--resume", "--out-dir", resumed, "--epochs", "3"], capsys)
@@ -110,10 +112,11 @@ def test_resume_keeps_the_checkpoints_flags_refuses_others_and_redraws_at_epochs
     out_dir = tmp_path / "out"
     assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
     saved, before = (out_dir / script.checkpoint).read_bytes(), history(out_dir)
-    for flags in (["--latent-dim", "3"], ["--arch", "conv"], ["--data-dir", tmp_path],
-                  ["--binarize", "static"], ["--seed", "1"], ["--steps-per-epoch", "9"]):
+    for flags in (["--latent-dim", "3"], ["--arch", "conv"], ["--binarize", "static"],
+                  ["--seed", "1"], ["--steps-per-epoch", "9"], ["--conditional"],
+                  ["--iwae", "2"]):
         code, err = call_main(script, ["--resume", "--out-dir", out_dir, *flags], capsys)
-        assert code == 1 and f"{flags[0]}: a resumed run keeps the flags" in err, err
+        assert code == 1 and f"{flags[0]}: the run in {out_dir / script.checkpoint} has " in err
         assert err.count("\n") == 1 and (out_dir / script.checkpoint).read_bytes() == saved
     for name in FIGURES:
         (out_dir / name).unlink()
@@ -123,8 +126,11 @@ def test_resume_keeps_the_checkpoints_flags_refuses_others_and_redraws_at_epochs
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert history(out_dir) == before and metrics["test"]["iw_samples"] == 7
     assert metrics["config"]["epochs"] == 1
-    code, err = call_main(script, ["--resume", "--out-dir", out_dir, "--epochs", "2", "--lr",
-                                   "0.002", "--iw-samples", "2", "--device", "cpu"], capsys)
+    # The command typed again, with --resume: its flags equal the checkpoint's, and the data may
+    # have moved.
+    moved = shutil.copytree(data_dir, tmp_path / "moved")
+    code, err = call_main(script, ["--resume", *quick(moved, out_dir, "--epochs", "2", "--lr",
+                                                      "0.002", "--iw-samples", "2")], capsys)
     config = json.loads((out_dir / "metrics.json").read_text())["config"]
     assert code == 0 and config["lr"] == 0.002 and config["steps_per_epoch"] == 3, err
     assert [r["epoch"] for r in history(out_dir)] == [1, 2]
