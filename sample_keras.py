@@ -52,7 +52,6 @@ with tempfile.TemporaryFile("w+") as caught:
         caught.seek(0)
         sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
 import numpy as np  # noqa: E402
-import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -152,9 +151,9 @@ class VAE(keras.Model):
         return ops.sigmoid(self.decode_logits(z, y))
 
     def call(self, inputs, training=False):
-        """-> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x); inputs
-        are the images, or [images, labels] for a conditional model."""
-        x, y = inputs if self.num_classes else (inputs, None)
+        """[images, labels] -> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn
+        from q(z|x)."""
+        x, y = inputs
         z_mean, z_log_var = self.encode(x, y)
         samples = self.samples if training else 1
         eps = keras.random.normal((samples, *ops.shape(z_mean)), seed=self.seed_generator)
@@ -164,9 +163,8 @@ class VAE(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """What the stock train_step and test_step minimise and report: the objective averaged
         over the images of the batch (not over pixels); in evaluation -ELBO, unweighted."""
-        images = x[0] if self.num_classes else x
-        loss, reconstruction_loss, kl_loss = objective(
-            images, y_pred, self.kl_weight if training else 1.0)
+        loss, reconstruction_loss, kl_loss = objective(x[0], y_pred,
+                                                       self.kl_weight if training else 1.0)
         self.reconstruction_loss_tracker.update_state(reconstruction_loss)
         self.kl_loss_tracker.update_state(kl_loss)
         return ops.mean(loss)
@@ -229,22 +227,21 @@ def label_marginal_nll(model, x, eps):
 # Training and evaluation ----------------------------------------------------------------------
 
 def epoch_inputs(train, args, epoch):
-    """fit()'s inputs from train = (x_train, y_train): the images in epoch_order() as floats
-    (drawn afresh as binary pixels under --binarize dynamic, from the seed and the epoch alone),
-    with their labels for a conditional model."""
+    """fit()'s [images, labels] from train = (x_train, y_train): the images in epoch_order() as
+    floats, drawn afresh as binary pixels under --binarize dynamic from the seed and the epoch
+    alone."""
     order = epoch_order(args, epoch, len(train[0]))
     x = train[0][order]
     if args.binarize == "dynamic":
         x = binarize(x, [args.seed, epoch])
-    return [x / np.float32(255), train[1][order]] if args.conditional else x / np.float32(255)
+    return [x / np.float32(255), train[1][order]]
 
 
 def train(model, optimizer, data, args, history):
     """Epochs len(history) + 1 to --epochs on data = (x_train, y_train, x_test, y_test), each
     trained, evaluated, printed and checkpointed; on several devices each takes its share of
     every batch."""
-    x_test, y_test = data[2:]
-    test = [x_test / np.float32(255), y_test] if args.conditional else x_test / np.float32(255)
+    test = [data[2] / np.float32(255), data[3]]
     # Many steps per compiled call; one on the torch backend and under tf.distribute.
     one = keras.backend.backend() == "torch" or len(devices(args.device)) > 1
     model.compile(optimizer, steps_per_execution=1 if one else 64)
@@ -267,40 +264,24 @@ def train(model, optimizer, data, args, history):
 
 
 def posterior_means(model, test):
-    """Every test image's z_mean (numpy), for test = (x_test, y_test)."""
-    features = model.encoder.predict(test[0] / np.float32(255), EVAL_BATCH_SIZE, verbose=0)
-    return ops.convert_to_numpy(model.z_mean(model.with_label(features, test[1])))
-
-
-class ImportanceWeightedBound(keras.Model):
-    """A VAE's per-image importance-weighted bounds as a model of their own, so that the stock
-    predict() compiles them, with noise from a generator of its own seed."""
-
-    def __init__(self, vae, num_samples, seed):
-        super().__init__()
-        self.vae, self.num_samples = vae, num_samples
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs):
-        x, y = inputs
-        eps = keras.random.normal((self.num_samples, ops.shape(x)[0], self.vae.latent_dim),
-                                  seed=self.seed_generator)
-        nll = [importance_weighted_nll(self.vae, x, y, eps)]
-        if self.vae.num_classes:
-            nll.append(label_marginal_nll(self.vae, x, eps))
-        return ops.stack(nll, axis=-1)
+    """Every test image's z_mean (numpy), for test = (x_test, y_test), in one batch."""
+    return ops.convert_to_numpy(model.encode(test[0] / np.float32(255), test[1])[0])
 
 
 def iw_bound(model, test, num_samples, seed):
     """The test set's mean importance-weighted bound on -log p(x), from noise of its own seed;
     for a conditional model, on -log p(x|y) and on -log p(x). test = (x_test, y_test)."""
-    images = max(1, IW_ROWS // num_samples)
-    bound = ImportanceWeightedBound(model, num_samples, seed)
-    with progress(range(-(-len(test[0]) // images)), num_samples, len(test[0])) as bar:
-        tick = keras.callbacks.LambdaCallback(on_predict_batch_end=lambda *_, **__: bar.update())
-        nll = bound.predict([test[0] / np.float32(255), test[1]], images, verbose=0,
-                            callbacks=[tick])
-    return np.mean(nll, axis=0, dtype=np.float64).tolist()
+    generator = keras.random.SeedGenerator(seed)
+    images, totals = max(1, IW_ROWS // num_samples), []
+    batches = (np.array_split(a, range(images, len(a), images)) for a in test)
+    for x, y in progress(zip(*batches), num_samples, len(test[0])):
+        x = x / np.float32(255)
+        eps = keras.random.normal((num_samples, len(x), model.latent_dim), seed=generator)
+        nll = [importance_weighted_nll(model, x, y, eps)]
+        if model.num_classes:
+            nll.append(label_marginal_nll(model, x, eps))
+        totals.append(ops.convert_to_numpy(ops.stack(nll)).sum(1, dtype=np.float64))
+    return (np.sum(totals, 0) / len(test[0])).tolist()
 
 
 # The rest of this section is the same text in both scripts.
@@ -442,9 +423,8 @@ def save_figures(args, history, test, z_mean, decode):
         z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
         title += ": a row per label y, the same z down each column"
     mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
-    # Rows from the first test digit of class k to the first of class k + 1 (a conditional
-    # model's: to the next of class k, with label k), through the decoder along the straight
-    # line between their z_mean.
+    # Rows from the first test digit of class k to the first of class k + 1 (conditional: the
+    # next of class k, label k), through the decoder along the straight line between z_mean.
     starts = np.array([np.argmax(labels == k) for k in range(8)])
     ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
                      np.argmax(labels == k + 1) for k in range(8)])
@@ -483,8 +463,7 @@ def save_latent_plots(args, z_mean, labels, decode):
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
     first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
     grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
-    label = f", label {CLASS_NAMES[args.dataset][0]}" if args.conditional else ""
-    title = "decoder means on a grid of z" + label
+    title = "decoder means on a grid of z" + (", label 0" if args.conditional else "")
     ax = mosaic(decode(grid.astype(np.float32), np.zeros(400, int)), 20, title,
                 extent=(-2, 2, -2, 2))
     ax.set(xlabel=axes[0], ylabel=axes[1])
@@ -573,24 +552,19 @@ def distribution(names, batch_size):
 
 # The rest of this section is the same text in both scripts.
 
-def build_model(config):
-    """The VAE that the flags in `config` (a dict) describe, as made afresh or read back."""
-    return VAE(config["arch"], config["latent_dim"], 10 if config.get("conditional") else 0,
-               config.get("iwae", 1))
-
-
 def resume_flags(args, given, saved):
     """--resume continues the checkpoint's run (`saved`) with its flags; only --epochs,
     --iw-samples, --device, --lr and --data-dir may differ. A fresh run must not write over an
     unfinished one."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
-    if not args.resume and saved and done < saved["config"]["epochs"]:
-        raise UserError(f"{path} holds an unfinished run ({done} of {saved['config']['epochs']} "
-                        "epochs); pass --resume to continue it, or delete it to start afresh")
-    if args.resume and not saved:
-        raise UserError(f"no {path} to resume; run without --resume to start afresh")
     if not args.resume:
+        if saved and done < saved["config"]["epochs"]:
+            raise UserError(f"{path} holds an unfinished run ({done} of "
+                            f"{saved['config']['epochs']} epochs); pass --resume to continue "
+                            "it, or delete it to start afresh")
         return
+    if not saved:
+        raise UserError(f"no {path} to resume; run without --resume to start afresh")
     free = {"epochs", "iw_samples", "device", "lr", "data_dir", "out_dir", "resume"}
     for name in sorted(given - free):
         if vars(args)[name] != saved["config"].get(name):
@@ -702,8 +676,10 @@ def parse_args(argv=None):
         if value is not None and not value >= low:  # nan too
             parser.error(f"argument --{name.replace('_', '-')}: must be at least {low}, got "
                          f"{value}")
-    if not (0 < args.lr < math.inf and 0 < args.lr_decay <= 1):
-        parser.error("argument --lr: must be above 0, and --lr-decay in (0, 1]")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"argument --lr: must be above 0, got {args.lr}")
+    if not 0 < args.lr_decay <= 1:
+        parser.error(f"argument --lr-decay: must be in (0, 1], got {args.lr_decay}")
     # argparse fills in a default only where the namespace it is given has no value yet.
     typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args))))
     if args.data_dir is not None:  # so that a resumed run finds the same folder
@@ -729,11 +705,12 @@ def main(argv=None):
                 print(f"resuming after epoch {len(history)} of {path}")
             else:
                 keras.utils.set_random_seed(args.seed)  # the initial weights
-                model = build_model(vars(args))
-                model.compile(optimizer=keras.optimizers.Adam(args.lr))
+                model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
+                            args.iwae)
+                adam = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
+                model.compile(optimizer=adam)
                 # The weights and Adam's state made now: made in fit(), TensorFlow traces twice.
-                images = keras.Input((784,))
-                model([images, keras.Input((), dtype="int32")] if args.conditional else images)
+                model([keras.Input((784,)), keras.Input((), dtype="int32")])
                 model.optimizer.build(model.trainable_variables)
             where = ", ".join(names) + (", data-parallel" if len(names) > 1 else "")
             print(f"Keras {keras.__version__} on {keras.backend.backend()}, {where}; "

@@ -402,9 +402,8 @@ def save_figures(args, history, test, z_mean, decode):
         z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
         title += ": a row per label y, the same z down each column"
     mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
-    # Rows from the first test digit of class k to the first of class k + 1 (a conditional
-    # model's: to the next of class k, with label k), through the decoder along the straight
-    # line between their z_mean.
+    # Rows from the first test digit of class k to the first of class k + 1 (conditional: the
+    # next of class k, label k), through the decoder along the straight line between z_mean.
     starts = np.array([np.argmax(labels == k) for k in range(8)])
     ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
                      np.argmax(labels == k + 1) for k in range(8)])
@@ -443,8 +442,7 @@ def save_latent_plots(args, z_mean, labels, decode):
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
     first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
     grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
-    label = f", label {CLASS_NAMES[args.dataset][0]}" if args.conditional else ""
-    title = "decoder means on a grid of z" + label
+    title = "decoder means on a grid of z" + (", label 0" if args.conditional else "")
     ax = mosaic(decode(grid.astype(np.float32), np.zeros(400, int)), 20, title,
                 extent=(-2, 2, -2, 2))
     ax.set(xlabel=axes[0], ylabel=axes[1])
@@ -497,7 +495,9 @@ def load_checkpoint(path):
     """(model on the CPU, dict of flags, history and Adam): needs no data and no GPU."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(state["config"])
+        config = state["config"]
+        model = VAE(config["arch"], config["latent_dim"], 10 if config.get("conditional") else 0,
+                    config.get("iwae", 1))
         model.load_state_dict(state["model"])
     except Exception as error:  # torch raises many types for a damaged zip or pickle
         raise UserError(f"{path} is truncated or corrupt ({type(error).__name__}); delete it "
@@ -528,24 +528,19 @@ def start_processes(args):
 
 # The rest of this section is the same text in both scripts.
 
-def build_model(config):
-    """The VAE that the flags in `config` (a dict) describe, as made afresh or read back."""
-    return VAE(config["arch"], config["latent_dim"], 10 if config.get("conditional") else 0,
-               config.get("iwae", 1))
-
-
 def resume_flags(args, given, saved):
     """--resume continues the checkpoint's run (`saved`) with its flags; only --epochs,
     --iw-samples, --device, --lr and --data-dir may differ. A fresh run must not write over an
     unfinished one."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
-    if not args.resume and saved and done < saved["config"]["epochs"]:
-        raise UserError(f"{path} holds an unfinished run ({done} of {saved['config']['epochs']} "
-                        "epochs); pass --resume to continue it, or delete it to start afresh")
-    if args.resume and not saved:
-        raise UserError(f"no {path} to resume; run without --resume to start afresh")
     if not args.resume:
+        if saved and done < saved["config"]["epochs"]:
+            raise UserError(f"{path} holds an unfinished run ({done} of "
+                            f"{saved['config']['epochs']} epochs); pass --resume to continue "
+                            "it, or delete it to start afresh")
         return
+    if not saved:
+        raise UserError(f"no {path} to resume; run without --resume to start afresh")
     free = {"epochs", "iw_samples", "device", "lr", "data_dir", "out_dir", "resume"}
     for name in sorted(given - free):
         if vars(args)[name] != saved["config"].get(name):
@@ -657,8 +652,10 @@ def parse_args(argv=None):
         if value is not None and not value >= low:  # nan too
             parser.error(f"argument --{name.replace('_', '-')}: must be at least {low}, got "
                          f"{value}")
-    if not (0 < args.lr < math.inf and 0 < args.lr_decay <= 1):
-        parser.error("argument --lr: must be above 0, and --lr-decay in (0, 1]")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"argument --lr: must be above 0, got {args.lr}")
+    if not 0 < args.lr_decay <= 1:
+        parser.error(f"argument --lr-decay: must be in (0, 1], got {args.lr_decay}")
     # argparse fills in a default only where the namespace it is given has no value yet.
     typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args))))
     if args.data_dir is not None:  # so that a resumed run finds the same folder
@@ -683,7 +680,8 @@ def main(argv=None):
             print(f"resuming after epoch {len(history)} of {path}")
         else:
             torch.manual_seed(args.seed)  # the initial weights
-            model = build_model(vars(args))
+            model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
+                        args.iwae)
         optimizer = torch.optim.Adam(model.to(device).parameters(), lr=args.lr,
                                      fused=device.type != "mps")
         if args.resume:

@@ -63,9 +63,14 @@ class Script:
             return self.module.VAE(arch, latent_dim, num_classes, samples).eval()
         self.keras.utils.set_random_seed(seed)
         model = self.module.VAE(arch, latent_dim, num_classes, samples)
-        x = np.zeros((1, 784), np.float32)
-        model([x, np.zeros(1, np.int32)] if num_classes else x)
+        model([np.zeros((1, 784), np.float32), np.zeros(1, np.int32)])
         return model
+
+    def forward(self, model, x, training=False):
+        """model(images), as training (a PyTorch model's mode is left as it was) or not."""
+        if self.name == "pytorch":
+            return self.call(model.train(training), x)
+        return self.call(lambda x: model([x, np.zeros(len(x), np.int32)], training=training), x)
 
     def encode(self, model, x, y=None):
         return self.call(lambda x: model.encode(x, y), x)
@@ -103,12 +108,21 @@ class Script:
                                            [(torch.from_numpy(x), None)], kl_weight)
         model.kl_weight.assign(kl_weight)
         model.compile(optimizer=self.keras.optimizers.SGD(lr))
-        return model.train_on_batch(x)
+        return model.train_on_batch([x, np.zeros(len(x), np.int32)])
 
     def load(self, path):
         """The trained model in a checkpoint."""
         model = self.module.load_checkpoint(str(path))[0]
         return model.eval() if self.name == "pytorch" else model
+
+    def adam(self, path):
+        """(epsilon, beta_1, beta_2) of the Adam in a checkpoint."""
+        if self.name == "pytorch":
+            group = self.module.load_checkpoint(str(path))[1]["optimizer"]["param_groups"][0]
+            return (group["eps"], *group["betas"])
+        optimizer = self.load(path).optimizer
+        return tuple(float(value) for value in (optimizer.epsilon, optimizer.beta_1,
+                                                optimizer.beta_2))
 
     def weights(self, path):
         model = self.load(path)

@@ -88,7 +88,7 @@ def training_images(script, images, epoch, binarize):
     """The float images the script trains on in `epoch`, in order."""
     args = args_for(binarize=binarize)
     if script.name == "keras":
-        return script.module.epoch_inputs((images, None), args, epoch)
+        return script.module.epoch_inputs((images, np.zeros(len(images))), args, epoch)[0]
     order = script.module.epoch_order(args, epoch, len(images))
     recorder = Recorder()
     batches = [(torch.from_numpy(images[rows] / np.float32(255)), None)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, history
 
 pytestmark = pytest.mark.subprocess
@@ -31,16 +32,35 @@ def same_training(one, two):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.1)
 
 
-def test_two_gloo_processes_under_torchrun_train_and_resume(tmp_path, digits_dir):
-    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "sample_pytorch.py"]
+# Each process saves its own weights once trained, so that the test can compare them.
+EACH_RANK_SAVES = """import os, sys, torch
+sys.path.insert(0, os.getcwd())
+import sample_pytorch
+train = sample_pytorch.train
+def train_and_save(model, *rest):
+    train(model, *rest)
+    torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+sample_pytorch.train = train_and_save
+sample_pytorch.main(sys.argv[2:])
+"""
+
+
+def test_two_gloo_processes_under_torchrun_train_alike_and_resume(tmp_path, digits_dir):
+    """Each process trains on its share of every batch, with noise of its own, and DDP averages
+    the gradients: the two end with the very same weights, an IWAE conditional model's too."""
+    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2",
+             "--iwae", "3", "--conditional"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     one, two = tmp_path / "one", tmp_path / "two"
     run(["sample_pytorch.py", *flags, "--out-dir", one])
-    stdout = run([*torchrun, *flags, "--out-dir", two])
+    (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES)
+    stdout = run([*torchrun, tmp_path / "each_rank_saves.py", tmp_path, *flags, "--out-dir", two])
     assert stdout.count("epoch 2/2") == 1 and "on 2 processes" in stdout
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name, weight in ranks[0].items():
+        assert torch.equal(weight, ranks[1][name]), name
     same_training(one, two)
-    run([*torchrun, "--resume", "--epochs", "3", "--out-dir", one])  # one process's checkpoint
+    run([*torchrun, "sample_pytorch.py", "--resume", "--epochs", "3", "--out-dir", one])
     assert [r["epoch"] for r in history(one)] == [1, 2, 3]
 
 

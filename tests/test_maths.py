@@ -130,7 +130,7 @@ def test_the_model_decodes_a_z_drawn_from_q_z_given_x(script):
         recorded, decode = [], model.decoder.call
         model.decoder.call = lambda z, *args, **kwargs: recorded.append(z) or decode(z, *args,
                                                                                      **kwargs)
-        model(x)
+        model([x, np.zeros(len(x), np.int32)])
         z = script.numpy(recorded[0])
     np.testing.assert_allclose(z.mean(0), z_mean[0], atol=0.1)
     np.testing.assert_allclose(z.std(0), np.exp(0.5 * z_log_var[0]), rtol=0.05)

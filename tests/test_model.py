@@ -14,7 +14,7 @@ RNG = np.random.default_rng(1)
 def test_both_architectures_take_any_batch(script, arch, batch):
     model = script.model(arch, latent_dim=3)
     x = RNG.random((batch, 784)).astype(np.float32)
-    logits, z_mean, z_log_var, eps = script.call(model, x)
+    logits, z_mean, z_log_var, eps = script.forward(model, x)
     assert logits.shape == (1, batch, 784) and z_mean.shape == z_log_var.shape == (batch, 3)
     assert eps.shape == (1, batch, 3)
 
@@ -22,11 +22,7 @@ def test_both_architectures_take_any_batch(script, arch, batch):
 def test_an_iwae_model_draws_k_samples_per_image_in_training_and_one_in_evaluation(script):
     model = script.model("mlp", latent_dim=3, samples=5)
     x = RNG.random((4, 784)).astype(np.float32)
-    if script.name == "pytorch":
-        training = script.call(model.train(), x)
-        evaluation = script.call(model.eval(), x)
-    else:
-        training, evaluation = (script.call(lambda x: model(x, training=t), x) for t in (1, 0))
+    training, evaluation = (script.forward(model, x, training) for training in (True, False))
     assert training[0].shape == (5, 4, 784) and training[3].shape == (5, 4, 3)
     assert evaluation[0].shape == (1, 4, 784)
     assert not np.allclose(training[0][0], training[0][1])  # five draws, not one five times
@@ -119,3 +115,41 @@ def test_keras_initialises_each_layer_as_pytorch_does(arch):
         assert not np.allclose(bias, first_row[:bias.size])
         if bias.size > 100:
             assert abs(np.corrcoef(bias, first_row[:bias.size])[0, 1]) < 0.3
+
+
+@pytest.mark.parametrize("num_classes, samples", [(0, 1), (10, 3)], ids=["vae", "cvae iwae"])
+def test_pytorch_and_keras_train_alike_from_the_same_weights_and_noise(num_classes, samples,
+                                                                      monkeypatch):
+    """Three steps of each script's training step (plain SGD: Adam would turn float32 noise in
+    near-zero gradients into whole steps), from copied weights, on the same batches and eps
+    (each framework's normal draws replaced by them): the procedures agree, not only the
+    forward passes. test_runs checks that both scripts' Adam has the same settings."""
+    pytorch, keras = Script("pytorch"), Script("keras")
+    torch_model, keras_model = (script.model("mlp", 3, num_classes=num_classes, samples=samples)
+                                for script in (pytorch, keras))
+    copy_pytorch_weights(torch_model, keras_model, "mlp")
+    before = [p.detach().numpy().copy() for p in torch_model.parameters()]
+    batches = [((RNG.random((8, 784)) < 0.4).astype(np.float32), np.arange(8) % 10)
+               for _ in range(3)]
+    noise = [RNG.normal(size=(samples, 8, 3)).astype(np.float32) for _ in range(3)]
+    draws = iter(noise)
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: torch.from_numpy(next(draws)))
+    pytorch.module.train_epoch(torch_model, torch.optim.SGD(torch_model.parameters(), lr=0.05),
+                               [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches],
+                               kl_weight=0.5)
+    draws = iter(noise)
+    monkeypatch.setattr(keras.keras.random, "normal", lambda *args, **kwargs: next(draws))
+    keras_model.kl_weight.assign(0.5)
+    keras_model.compile(optimizer=keras.keras.optimizers.SGD(0.05), run_eagerly=True)
+    for x, y in batches:
+        keras_model.train_on_batch([x, y])
+    theirs = [p.detach().numpy() - b for p, b in zip(torch_model.parameters(), before)]
+    ours = [layer.get_weights() for layer in [*keras_model.encoder.layers, keras_model.z_mean,
+                                              keras_model.z_log_var,
+                                              *keras_model.decoder.layers]]
+    ours = [w for weights in ours for w in weights]
+    for torch_step, keras_weight, start in zip(theirs, ours, before, strict=True):
+        keras_step = keras_weight - (start.T if start.ndim == 2 else start)
+        torch_step = torch_step.T if torch_step.ndim == 2 else torch_step
+        np.testing.assert_allclose(keras_step, torch_step, rtol=1e-3,
+                                   atol=1e-4 * np.abs(torch_step).max())

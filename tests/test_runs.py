@@ -112,6 +112,7 @@ def test_resume_keeps_the_checkpoints_flags_refuses_others_and_redraws_at_epochs
     out_dir = tmp_path / "out"
     assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
     saved, before = (out_dir / script.checkpoint).read_bytes(), history(out_dir)
+    assert script.adam(out_dir / script.checkpoint) == (1e-8, 0.9, 0.999)  # torch's, in both
     for flags in (["--latent-dim", "3"], ["--arch", "conv"], ["--binarize", "static"],
                   ["--seed", "1"], ["--steps-per-epoch", "9"], ["--conditional"],
                   ["--iwae", "2"]):
