@@ -12,6 +12,9 @@ trick makes the sample differentiable in z_mean and z_log_var (the SGVB estimato
 After training, the importance-weighted bound (Burda et al., 2015) estimates log p(x):
     log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
 which tightens towards log p(x) as K grows and equals the ELBO in expectation at K = 1.
+--iwae k trains on that bound with k samples (the IWAE). --conditional gives the encoder and
+the decoder the one-hot label y, q(z|x, y) and p(x|z, y), so the bound is on -log p(x|y); over
+the ten labels, p(x) = (1/10) sum_y p(x|y). A trained model's decode(z, y) draws new digits.
 The code is backend-agnostic Keras 3 (keras.ops, keras.random), on TensorFlow by default or
 under KERAS_BACKEND=torch; the loss lives in Model.compute_loss, so the stock fit() trains it.
 
@@ -66,9 +69,8 @@ HIDDEN = 256  # width of the fully connected layer next to z, in both architectu
 def init(fan_in):
     """Weights and biases uniform in +-1/sqrt(fan_in), PyTorch's default, each from its own
     initializer: one instance, seeded once, would draw each bias equal to its kernel's first row."""
-    bound = 1 / math.sqrt(fan_in)
-    return {"kernel_initializer": keras.initializers.RandomUniform(-bound, bound),
-            "bias_initializer": keras.initializers.RandomUniform(-bound, bound)}
+    uniform = lambda: keras.initializers.RandomUniform(-fan_in ** -0.5, fan_in ** -0.5)
+    return {"kernel_initializer": uniform(), "bias_initializer": uniform()}
 
 
 def build_encoder(arch):
@@ -151,8 +153,7 @@ class VAE(keras.Model):
         return ops.sigmoid(self.decode_logits(z, y))
 
     def call(self, inputs, training=False):
-        """[images, labels] -> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn
-        from q(z|x)."""
+        """[x, y] -> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x)."""
         x, y = inputs
         z_mean, z_log_var = self.encode(x, y)
         samples = self.samples if training else 1
@@ -227,9 +228,8 @@ def label_marginal_nll(model, x, eps):
 # Training and evaluation ----------------------------------------------------------------------
 
 def epoch_inputs(train, args, epoch):
-    """fit()'s [images, labels] from train = (x_train, y_train): the images in epoch_order() as
-    floats, drawn afresh as binary pixels under --binarize dynamic from the seed and the epoch
-    alone."""
+    """fit()'s [images, labels] from train = (x_train, y_train), in epoch_order(); the images as
+    floats, made binary afresh under --binarize dynamic from the seed and the epoch alone."""
     order = epoch_order(args, epoch, len(train[0]))
     x = train[0][order]
     if args.binarize == "dynamic":
@@ -238,9 +238,8 @@ def epoch_inputs(train, args, epoch):
 
 
 def train(model, optimizer, data, args, history):
-    """Epochs len(history) + 1 to --epochs on data = (x_train, y_train, x_test, y_test), each
-    trained, evaluated, printed and checkpointed; on several devices each takes its share of
-    every batch."""
+    """Epochs len(history) + 1 to --epochs on data (x_train, y_train, x_test, y_test), each
+    trained, evaluated, printed and checkpointed; several devices share every batch."""
     test = [data[2] / np.float32(255), data[3]]
     # Many steps per compiled call; one on the torch backend and under tf.distribute.
     one = keras.backend.backend() == "torch" or len(devices(args.device)) > 1

@@ -12,6 +12,9 @@ trick makes the sample differentiable in z_mean and z_log_var (the SGVB estimato
 After training, the importance-weighted bound (Burda et al., 2015) estimates log p(x):
     log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
 which tightens towards log p(x) as K grows and equals the ELBO in expectation at K = 1.
+--iwae k trains on that bound with k samples (the IWAE). --conditional gives the encoder and
+the decoder the one-hot label y, q(z|x, y) and p(x|z, y), so the bound is on -log p(x|y); over
+the ten labels, p(x) = (1/10) sum_y p(x|y). A trained model's decode(z, y) draws new digits.
 
 Run:
     python3 sample_pytorch.py                          # MNIST from data/mnist.npz, 20 epochs
@@ -194,9 +197,8 @@ def train_epoch(model, optimizer, batches, kl_weight, dynamic=False):
 
 
 def train(model, optimizer, data, args, history):
-    """Epochs len(history) + 1 to --epochs on data = (x_train, y_train, x_test, y_test), each
-    trained, evaluated, printed and checkpointed; under torchrun each process takes its share of
-    every batch."""
+    """Epochs len(history) + 1 to --epochs on data (x_train, y_train, x_test, y_test), each
+    trained, evaluated, printed and checkpointed; under torchrun processes share every batch."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     device = next(model.parameters()).device
