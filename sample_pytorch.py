@@ -140,10 +140,12 @@ def negative_elbo(x, logits, z_mean, z_log_var):
     return reconstruction_loss, kl_loss
 
 
-def negative_iw_bound(x, logits, z_mean, z_log_var, eps, kl_weight=1.0):
-    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats, for K samples
-    z_k = reparameterize(z_mean, z_log_var, eps[k]) and their logits (K, N, 784); at kl_weight
-    1 a bound on -log p(x). The log-weights meet in one logsumexp, which cannot overflow."""
+def negative_iw_bound(x, outputs, kl_weight=1.0):
+    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats, from the
+    model's outputs = (logits (K, N, 784), z_mean, z_log_var, eps (K, N, latent_dim)) for K
+    samples z_k; at kl_weight 1 a bound on -log p(x). The log-weights meet in one logsumexp,
+    which cannot overflow."""
+    logits, z_mean, z_log_var, eps = outputs
     reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
     z = reparameterize(z_mean, z_log_var, eps)
     log_prior_over_posterior = 0.5 * (eps.square() + z_log_var - z.square()).sum(-1)
@@ -159,7 +161,7 @@ def objective(x, outputs, kl_weight):
     reconstruction_loss = reconstruction_loss.mean(0)  # over the samples
     if len(eps) == 1:
         return reconstruction_loss + kl_weight * kl_loss, reconstruction_loss, kl_loss
-    return negative_iw_bound(x, *outputs, kl_weight), reconstruction_loss, kl_loss
+    return negative_iw_bound(x, outputs, kl_weight), reconstruction_loss, kl_loss
 
 
 @torch.no_grad()
@@ -167,7 +169,7 @@ def importance_weighted_nll(model, x, y, eps):
     """Per-image bound on -log p(x) (on -log p(x|y) given labels) from eps (K, N, latent_dim)."""
     z_mean, z_log_var = model.encode(x, y)
     logits = model.decode_logits(reparameterize(z_mean, z_log_var, eps), y)
-    return negative_iw_bound(x, logits, z_mean, z_log_var, eps)
+    return negative_iw_bound(x, (logits, z_mean, z_log_var, eps))
 
 
 def label_marginal_nll(model, x, eps):
