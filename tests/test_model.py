@@ -138,7 +138,8 @@ def test_pytorch_and_keras_train_alike_from_the_same_weights_and_noise(num_class
                                [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches],
                                kl_weight=0.5)
     draws = iter(noise)
-    monkeypatch.setattr(keras.keras.random, "normal", lambda *args, **kwargs: next(draws))
+    monkeypatch.setattr(keras.keras.random, "normal",
+                        lambda *args, **kwargs: keras.tensor(next(draws)))
     keras_model.kl_weight.assign(0.5)
     keras_model.compile(optimizer=keras.keras.optimizers.SGD(0.05), run_eagerly=True)
     for x, y in batches:
