@@ -220,8 +220,7 @@ def importance_weighted_nll(model, x, y, eps):
 
 
 def label_marginal_nll(model, x, eps):
-    """A conditional model's per-image bound on -log p(x), p(x) = (1/10) sum_y p(x|y): the
-    bounds for every label, from the same eps, combined by a logsumexp."""
+    """A conditional model's per-image bound on -log p(x) = -log (1/10) sum_y p(x|y), from eps."""
     nll = ops.stack([importance_weighted_nll(model, x, ops.full(ops.shape(x)[:1], label), eps)
                      for label in range(model.num_classes)])
     return math.log(model.num_classes) - ops.logsumexp(-nll, axis=0)
@@ -580,8 +579,7 @@ def resume_flags(args, given, saved):
 def write_metrics(args, run, history, iw_nll):
     """metrics.json, renamed into place once whole: the run, the flags, history and results;
     iw_nll: the bound on -log p(x), or on -log p(x|y) and -log p(x) for a conditional model."""
-    test = {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss",
-                                                         "kl_loss")}
+    test = {key[5:]: value for key, value in history[-1].items() if key.startswith("test_")}
     bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
     objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
     path = os.path.join(args.out_dir, "metrics.json")

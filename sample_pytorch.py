@@ -34,10 +34,8 @@ import signal
 import sys
 import time
 
-# OpenMP's idle threads spin 300,000 turns before they sleep: beside other busy processes they
-# take the cores from each other and an epoch runs several, at worst tens of, times slower; 300
-# turns cost an idle machine almost nothing (docs/performance.md). Set before torch loads
-# OpenMP; yours wins if set.
+# OpenMP's idle threads spin 300,000 turns before they sleep, which beside other busy processes
+# slows an epoch several times; 300 cost an idle machine nothing (docs/performance.md).
 os.environ.setdefault("GOMP_SPINCOUNT", "300")
 
 import numpy as np  # noqa: E402
@@ -173,8 +171,7 @@ def importance_weighted_nll(model, x, y, eps):
 
 
 def label_marginal_nll(model, x, eps):
-    """A conditional model's per-image bound on -log p(x), p(x) = (1/10) sum_y p(x|y): the
-    bounds for every label, from the same eps, combined by a logsumexp."""
+    """A conditional model's per-image bound on -log p(x) = -log (1/10) sum_y p(x|y), from eps."""
     nll = torch.stack([importance_weighted_nll(model, x, torch.full((len(x),), label), eps)
                        for label in range(model.num_classes)])
     return math.log(model.num_classes) - torch.logsumexp(-nll, 0)
@@ -230,8 +227,7 @@ def train(model, optimizer, data, args, history):
 
 @torch.no_grad()
 def evaluate(model, test):
-    """The test set's (reconstruction_loss, kl_loss) means and every image's z_mean (numpy),
-    for test = (x_test, y_test)."""
+    """test = (x_test, y_test) -> its (reconstruction_loss, kl_loss) means, each z_mean (numpy)."""
     model.eval()
     device, sums, z_means = next(model.parameters()).device, 0, []
     x_test, y_test = (torch.from_numpy(a).to(device) for a in test)
@@ -559,8 +555,7 @@ def resume_flags(args, given, saved):
 def write_metrics(args, run, history, iw_nll):
     """metrics.json, renamed into place once whole: the run, the flags, history and results;
     iw_nll: the bound on -log p(x), or on -log p(x|y) and -log p(x) for a conditional model."""
-    test = {key: history[-1][f"test_{key}"] for key in ("loss", "reconstruction_loss",
-                                                         "kl_loss")}
+    test = {key[5:]: value for key, value in history[-1].items() if key.startswith("test_")}
     bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
     objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
     path = os.path.join(args.out_dir, "metrics.json")
