@@ -109,9 +109,8 @@ def reparameterize(z_mean, z_log_var, eps):
 
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
-    """q(z|x) and p(x|z); with num_classes, q(z|x, y) and p(x|z, y) for integer labels y (N,),
-    their one-hot vector joined to the encoder's features and to z. samples: draws of z per
-    image in training (the IWAE bound's k), one in evaluation."""
+    """q(z|x) and p(x|z); with num_classes, q(z|x, y) and p(x|z, y), the one-hot label joined to
+    the features and to z. samples: draws of z per image in training (IWAE's k), else one."""
 
     def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1, training_state=None,
                  **kwargs):
@@ -189,10 +188,9 @@ def negative_elbo(x, logits, z_mean, z_log_var):
 
 
 def negative_iw_bound(x, outputs, kl_weight=1.0):
-    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats, from the
-    model's outputs = (logits (K, N, 784), z_mean, z_log_var, eps (K, N, latent_dim)) for K
-    samples z_k; at kl_weight 1 a bound on -log p(x). The log-weights meet in one logsumexp,
-    which cannot overflow."""
+    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats from outputs =
+    (logits (K, N, 784), z_mean, z_log_var, eps (K, N, latent_dim)); at kl_weight 1 a bound on
+    -log p(x). The log-weights meet in one logsumexp, which cannot overflow."""
     logits, z_mean, z_log_var, eps = outputs
     reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
     z = reparameterize(z_mean, z_log_var, eps)
@@ -298,8 +296,7 @@ def active_units(z_mean):
 
 
 def epoch_record(args, history, losses, z_mean, seconds):
-    """The next epoch's history entry from both splits' (reconstruction_loss, kl_loss), printed;
-    a NaN or infinite loss stops the run before it reaches the checkpoint."""
+    """The next epoch's history entry, printed; a NaN or infinite loss stops the run unsaved."""
     epoch, (train, test) = len(history) + 1, losses
     if not math.isfinite(sum(train)):
         raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
@@ -340,9 +337,8 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def load_data(args):
-    """(x_train, y_train, x_test, y_test): uint8 numpy arrays, images as rows of 784 pixels,
-    from --data-dir or data/, else downloaded; binarized once under --binarize static, and the
-    test set under dynamic too."""
+    """(x_train, y_train, x_test, y_test), uint8 numpy, images as rows of 784, from --data-dir or
+    data/, else downloaded; binarized once under --binarize static, the test set under dynamic."""
     folder = args.data_dir or DATA_DIR
     if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
         path, arrays = read_folder(folder, args.dataset)
@@ -443,9 +439,8 @@ def save_figures(args, history, test, z_mean, decode):
 
 
 def save_latent_plots(args, z_mean, labels, decode):
-    """latent_space.png, the test set's z_mean by class (in a random order, so that no class
-    hides another), and latent_manifold.png, the decoder on a grid over [-2, 2]^2; both along
-    the axes of z, or along its two principal directions when latent_dim > 2."""
+    """latent_space.png, the test set's z_mean by class (in random order: no class hides another),
+    latent_manifold.png, the decoder on [-2, 2]^2; along z's axes or its principal directions."""
     directions, axes = np.eye(2, dtype=np.float32), ("z[0]", "z[1]")
     if args.latent_dim > 2:
         directions = np.linalg.svd(z_mean - z_mean.mean(0), full_matrices=False)[2][:2].T
@@ -471,8 +466,7 @@ def save_latent_plots(args, z_mean, labels, decode):
 
 
 def mosaic(images, cols, title, row_labels=(), extent=None):
-    """Axes of a new figure showing (N, 784) images in rows of `cols`, with a label per row, or
-    with the coordinates `extent` on both axes."""
+    """Axes of a new figure of (N, 784) images in rows of `cols`, labelled by row or by `extent`."""
     rows = len(images) // cols
     pixels = np.asarray(images).reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3)
     ax = Figure(figsize=(cols * 28 / 45 + 1.6, rows * 28 / 45 + 0.6), layout="tight").subplots()
@@ -553,9 +547,8 @@ def distribution(names, batch_size):
 # The rest of this section is the same text in both scripts.
 
 def resume_flags(args, given, saved):
-    """--resume continues the checkpoint's run (`saved`) with its flags; only --epochs,
-    --iw-samples, --device, --lr and --data-dir may differ. A fresh run must not write over an
-    unfinished one."""
+    """--resume continues the checkpoint's run (`saved`) with its flags (five of them may change);
+    a fresh run must not write over an unfinished one."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
     if not args.resume:
         if saved and done < saved["config"]["epochs"]:
