@@ -30,8 +30,10 @@ import gzip
 import json
 import math
 import os
+import platform
 import re
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -54,9 +56,11 @@ with tempfile.TemporaryFile("w+") as caught:
         os.close(stderr)
         caught.seek(0)
         sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
+import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 FRAMEWORK, CHECKPOINT = "keras", "checkpoint.keras"
@@ -311,7 +315,7 @@ def epoch_record(args, history, losses, z_mean, seconds):
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
           f"{test[0] + test[1]:.2f} (rec {test[0]:.2f} + kl {test[1]:.2f})  "
           f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
-    if record["active_units"] == 0:
+    if record["active_units"] == 0 and not args.steps_per_epoch:  # a few steps mean nothing
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
               file=sys.stderr, flush=True)
     return record
@@ -332,22 +336,25 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
+LAYOUT = ("x_train and x_test, uint8 of shape (N, 28, 28), and if there are labels, y_train and "
+          "y_test, N of them, in 0-9")
+SOURCES = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+           "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
 
 
 def load_data(args):
-    """(x_train, y_train, x_test, y_test), uint8 numpy, images as rows of 784, from --data-dir or
+    """(x_train, y_train, x_test, y_test), numpy, images as uint8 rows of 784, from --data-dir or
     data/, else downloaded; binarized once under --binarize static, the test set under dynamic."""
     folder = args.data_dir or DATA_DIR
     if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
-        path, arrays = read_folder(folder, args.dataset)
+        path, arrays = read_data(folder, args.dataset)
     else:
         path, arrays = args.dataset, download(args.dataset)
-    x_train, y_train, x_test, y_test = arrays
-    if (x_train.shape[1:], x_test.shape[1:], len(y_train), len(y_test)) != (
-            (28, 28), (28, 28), len(x_train), len(x_test)):
-        raise UserError(f"{path}: expected N 28x28 images and N labels in each split")
+    x_train, y_train, x_test, y_test = checked_layout(path, arrays)
+    if args.conditional and min(y_train.min(), y_test.min()) < 0:
+        raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
     x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
     if args.binarize == "static":
         x_train = binarize(x_train, seed=1234)
@@ -356,14 +363,29 @@ def load_data(args):
     return x_train, y_train, x_test, y_test
 
 
-def read_folder(folder, dataset):
-    """(what was read, the four arrays) from DATASET.npz in `folder` (Keras's layout), else from
-    MNIST's four IDX files there, gzipped or not, as published: a magic number, sizes, bytes."""
-    path = os.path.join(folder, f"{dataset}.npz")
+def checked_layout(path, arrays):
+    """The four arrays, labels as int64 and -1 where a file has none (a VAE needs none); any
+    other layout is refused in one line that names the file."""
+    splits = []
+    for x, y in (arrays[:2], arrays[2:]):
+        y = np.full(len(x), -1) if y is None and x is not None else y
+        if (x is None or x.dtype != np.uint8 or x.shape[1:] != (28, 28) or not len(x)
+                or y.shape != x.shape[:1] or not np.isin(y, range(-1, 10)).all()):
+            raise UserError(f"{path}: expected {LAYOUT}")
+        splits += [x, y.astype(np.int64)]
+    return splits
+
+
+def read_data(path, dataset):
+    """(what was read, x_train, y_train, x_test, y_test; None if missing) from the .npz file
+    `path` or DATASET.npz in the folder `path`, else from MNIST's four IDX files there, gzipped
+    or not, as published: a magic number, sizes, bytes."""
+    folder, npz = path, path if path.endswith(".npz") else os.path.join(path, f"{dataset}.npz")
     try:
-        if os.path.isfile(path):
-            with np.load(path) as data:
-                return path, [data[key] for key in ("x_train", "y_train", "x_test", "y_test")]
+        if npz == path or os.path.isfile(npz):
+            path = npz
+            with np.load(npz) as data:
+                return npz, [data.get(key) for key in ("x_train", "y_train", "x_test", "y_test")]
         arrays = []
         for name in IDX_FILES:
             path = os.path.join(folder, name)
@@ -376,8 +398,9 @@ def read_folder(folder, dataset):
             arrays.append(np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape))
         return folder, arrays
     except Exception as error:  # numpy, zipfile and gzip raise many types for a damaged file
-        raise UserError(f"{path}: cannot read it ({type(error).__name__}: {error}); expected "
-                        f"{dataset}.npz of x_train, y_train, x_test, y_test, or MNIST's IDX files")
+        raise UserError(f"{path}: cannot read it ({type(error).__name__}: {error}); --data-dir "
+                        f"takes a folder of {dataset}.npz or MNIST's four IDX files, or an .npz "
+                        f"file of any name: {LAYOUT}")
 
 
 def binarize(images, seed):
@@ -393,13 +416,29 @@ def epoch_order(args, epoch, num_images):
 
 
 def download(dataset):
-    """The four arrays from keras.datasets, which downloads them once into ~/.keras."""
-    try:
+    """The four arrays from keras.datasets, which downloads them once into ~/.keras/datasets."""
+    folder = os.path.join(os.path.expanduser("~/.keras/datasets"), dataset.replace("_", "-"))
+    with download_failure(dataset, folder):
         (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, dataset).load_data()
+    return [x_train, y_train, x_test, y_test]
+
+
+@contextlib.contextmanager
+def download_failure(dataset, folder):
+    """A failed download into `folder` removes the folders it made and says in one line what to
+    fetch instead, and where to put it."""
+    made = None
+    while not os.path.isdir(folder):
+        made, folder = folder, os.path.dirname(folder)
+    try:
+        yield
     except Exception as error:  # no network, a proxy, a server down: all end the same way
-        raise UserError(f"could not download {dataset} ({type(error).__name__}); pass "
-                        f"--data-dir DIR with DIR/{dataset}.npz")
-    return x_train, y_train, x_test, y_test
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        cause = " ".join(str(error).split())  # on one line
+        raise UserError(f"could not download {dataset} ({type(error).__name__}: {cause}); "
+                        f"without a network, fetch {', '.join(f'{n}.gz' for n in IDX_FILES)} "
+                        f"from {SOURCES[dataset]} into a folder DIR and pass --data-dir DIR")
 
 
 # Figures (the same text in both scripts) ------------------------------------------------------
@@ -420,17 +459,21 @@ def save_figures(args, history, test, z_mean, decode):
         title += ": a row per label y, the same z down each column"
     mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
     # Rows from the first test digit of class k to the first of class k + 1 (conditional: the
-    # next of class k, label k), through the decoder along the straight line between z_mean.
-    starts = np.array([np.argmax(labels == k) for k in range(8)])
-    ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
-                     np.argmax(labels == k + 1) for k in range(8)])
+    # next of class k, label k; no labels: image k to image k + 8), through the decoder along
+    # the straight line between their z_mean.
+    starts, ends, labelled = np.arange(8), np.arange(8, 16), labels.min() >= 0
+    if labelled:
+        starts = np.array([np.argmax(labels == k) for k in range(8)])
+        ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
+                         np.argmax(labels == k + 1) for k in range(8)])
     steps = np.linspace(0.0, 1.0, 10, dtype=np.float32)[None, :, None]
     line = ((1 - steps) * z_mean[starts, None] + steps * z_mean[ends, None]).reshape(80, -1)
     pixels = decode(line, np.repeat(labels[starts], 10)).reshape(8, 10, 784)
     rows = np.concatenate([x[starts, None], pixels, x[ends, None]], 1)
     ax = mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line "
                 "between their z_mean | real digit",
-                [f"{names[labels[a]]} to {names[labels[b]]}" for a, b in zip(starts, ends)])
+                [f"{names[labels[a]]} to {names[labels[b]]}" if labelled else f"#{a} to #{b}"
+                 for a, b in zip(starts, ends)])
     for column in (1, 11):
         ax.axvline(column * 28 - 0.5, color="tab:orange", linewidth=2)
     ax.figure.savefig(path("interpolation.png"))
@@ -447,11 +490,13 @@ def save_latent_plots(args, z_mean, labels, decode):
         axes = [f"z along principal direction {i}" for i in (1, 2)]
     order = np.random.default_rng(0).permutation(len(z_mean))
     ax = Figure(figsize=(7.5, 6.5), layout="tight").subplots()
-    points = ax.scatter(*(z_mean[order] @ directions).T, c=labels[order], cmap="tab10",
-                        vmin=-0.5, vmax=9.5, s=2, alpha=0.5, rasterized=True)
-    ax.legend(points.legend_elements()[0], [CLASS_NAMES[args.dataset][k] for k in
-                                            np.unique(labels)], title="label", loc="center left",
-              bbox_to_anchor=(1.0, 0.5))
+    colours = dict(c=labels[order], cmap="tab10", vmin=-0.5, vmax=9.5) if labels.min() >= 0 else {}
+    points = ax.scatter(*(z_mean[order] @ directions).T, s=2, alpha=0.5, rasterized=True,
+                        **colours)
+    if colours:
+        ax.legend(points.legend_elements()[0], [CLASS_NAMES[args.dataset][k] for k in
+                                                np.unique(labels)], title="label",
+                  loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set(xlabel=axes[0], ylabel=axes[1], title="posterior means z_mean of the test set")
     ax.set_aspect("equal", adjustable="datalim")
     ax.figure.savefig(os.path.join(args.out_dir, "latent_space.png"))
@@ -487,14 +532,17 @@ def save_training_curves(path, history):
     for ax, (key, title) in zip(fig.subplots(1, 3), titles.items()):
         curves = np.array([[r[f"{split}_{key}"] for r in history] for split in ("train", "test")])
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
-            ax.plot(range(1, len(history) + 1), values, style, label=label)
+            ax.plot(range(1, len(history) + 1), values, style, marker=".", label=label)
         if len(history) > 50:
             late = curves[:, len(history) // 10:]
             ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
-        ax.set(title=title, xlabel="epoch", ylabel="nats per image")
+        ax.set(title=title, xlabel="epoch", ylabel="nats per image",
+               xlim=(0.5, len(history) + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
         ax.legend()
         ax.grid(alpha=0.3)
     fig.savefig(path)
+    return fig
 
 
 # Checkpoint, resume and devices ---------------------------------------------------------------
@@ -548,13 +596,13 @@ def distribution(names, batch_size):
 
 def resume_flags(args, given, saved):
     """--resume continues the checkpoint's run (`saved`) with its flags (five of them may change);
-    a fresh run must not write over an unfinished one."""
+    a fresh run must not write over another."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
     if not args.resume:
-        if saved and done < saved["config"]["epochs"]:
-            raise UserError(f"{path} holds an unfinished run ({done} of "
-                            f"{saved['config']['epochs']} epochs); pass --resume to continue "
-                            "it, or delete it to start afresh")
+        if saved:  # finished or not, a run is never written over
+            raise UserError(f"{path} holds a run of {done} of {saved['config']['epochs']} "
+                            "epochs; pass --resume to go on with it (a larger --epochs trains "
+                            "more), another --out-dir, or delete it to start afresh")
         return
     if not saved:
         raise UserError(f"no {path} to resume; run without --resume to start afresh")
@@ -575,6 +623,8 @@ def write_metrics(args, run, history, iw_nll):
     test = {key[5:]: value for key, value in history[-1].items() if key.startswith("test_")}
     bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
     objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
+    run["versions"].update(python=platform.python_version(), numpy=np.__version__,
+                           matplotlib=matplotlib.__version__)
     path = os.path.join(args.out_dir, "metrics.json")
     with open(path + ".tmp", "w") as f:
         json.dump({**run, "objective": objective, "config": vars(args), "history": history,

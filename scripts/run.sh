@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up .venv, then train both VAEs with the same flags (any flag passes
 # through). Results land in outputs/pytorch and outputs/keras; with --out-dir DIR, in
-# DIR/pytorch and DIR/keras, so that neither run writes over the other's.
+# DIR/pytorch and DIR/keras, so that neither run writes over the other's. Run again, it goes on
+# from the checkpoints there (more epochs if --epochs asks for them; else it redraws the results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,5 +15,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for framework in pytorch keras; do
-  .venv/bin/python "sample_$framework.py" "${args[@]}" ${out:+--out-dir "$out/$framework"}
+  dir="${out:-outputs}/$framework" resume=()
+  if compgen -G "$dir/checkpoint.*" > /dev/null; then resume=(--resume); fi
+  .venv/bin/python "sample_$framework.py" "${args[@]}" "${resume[@]}" --out-dir "$dir"
 done

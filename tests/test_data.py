@@ -34,7 +34,7 @@ def test_a_folder_of_the_four_idx_files_is_read_too(script, digits_dir, tmp_path
     with np.load(f"{digits_dir}/mnist.npz") as data:
         arrays = {key: data[key] for key in data}
     write_idx(tmp_path / "idx", arrays)
-    x_train, y_train, x_test, y_test = script.module.load_data(args_for(data_dir=tmp_path / "idx"))
+    x_train, y_train, x_test, y_test = script.module.load_data(args_for(data_dir=str(tmp_path / "idx")))
     np.testing.assert_array_equal(x_train, arrays["x_train"].reshape(-1, 784))
     np.testing.assert_array_equal(y_test, arrays["y_test"])
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not an idx file")
@@ -45,20 +45,27 @@ def test_a_folder_of_the_four_idx_files_is_read_too(script, digits_dir, tmp_path
 
 @pytest.mark.parametrize("spoil, message", [
     (lambda path: path.unlink(), "No such file"),
+    (lambda path: path.rename(path.with_name("own.npz")), "an .npz file of any name"),
     (lambda path: path.write_bytes(path.read_bytes()[:5000]), "cannot read it"),
     (lambda path: path.write_text("hello"), "cannot read it"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28), np.uint8)), "cannot read it"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 32, 32)), y_train=np.zeros(5),
-                           x_test=np.zeros((3, 32, 32)), y_test=np.zeros(3)), "28x28"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28)), y_train=np.zeros(4),
-                           x_test=np.zeros((3, 28, 28)), y_test=np.zeros(3)), "N labels"),
-], ids=["missing", "truncated", "not a zip", "arrays missing", "wrong image size",
-        "count mismatch"])
+    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28), np.uint8)), "expected x_train"),
+    (lambda path: np.savez(path, x_train=np.zeros((5, 32, 32), np.uint8),
+                           x_test=np.zeros((3, 32, 32), np.uint8)), "(N, 28, 28)"),
+    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28)),
+                           x_test=np.zeros((3, 28, 28))), "uint8"),
+    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28), np.uint8), y_train=np.zeros(4),
+                           x_test=np.zeros((3, 28, 28), np.uint8)), "N of them"),
+    (lambda path: np.savez(path, images=np.zeros((5, 28, 28), np.uint8)), "expected x_train"),
+    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28), np.uint8), y_train=np.full(5, 10),
+                           x_test=np.zeros((3, 28, 28), np.uint8)), "in 0-9"),
+], ids=["missing", "misnamed", "truncated", "not a zip", "test images missing", "wrong image size",
+        "floats", "count mismatch", "other keys", "labels out of range"])
 def test_bad_data_gets_one_line_and_creates_nothing(script, tmp_path, capsys, spoil, message):
     folder = write_dataset(tmp_path / "data")
     spoil(tmp_path / "data" / "mnist.npz")
     code, err = call_main(script, ["--data-dir", folder, "--out-dir", tmp_path / "out"], capsys)
     assert code == 1 and message in err and err.count("\n") == 1, err
+    assert ("mnist.npz: " in err) == (message not in ("No such file", "an .npz file of any name"))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,8 +1,9 @@
-"""The README's "Use a trained model" snippets, read from the README itself and run as printed,
-from a folder laid out as the repository (the scripts, data/mnist.npz, outputs/) on a short
-run's checkpoint: so the README cannot drift from the code."""
+"""The README's snippets ("Use a trained model", "Your own images"), read from the README itself
+and run as printed, from a folder laid out as the repository (the scripts, data/mnist.npz,
+outputs/), on a short run's checkpoint: so the README cannot drift from the code."""
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,12 +15,25 @@ from conftest import ROOT, call_main, quick
 pytestmark = pytest.mark.subprocess
 
 
+def blocks(section, language="python"):
+    """The code blocks of one README section."""
+    text = (ROOT / "README.md").read_text().split(f"## {section}\n")[1].split("\n## ")[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
 def snippets():
     """{framework: code} of the Python blocks in the README's "Use a trained model" section."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Use a trained model")[1].split("\n## ")[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    return {("keras" if "sample_keras" in block else "pytorch"): block for block in blocks}
+    return {("keras" if "sample_keras" in block else "pytorch"): block
+            for block in blocks("Use a trained model")}
+
+
+def repository(script, tmp_path):
+    """A folder laid out as the repository: the script and data/mnist.npz."""
+    root = tmp_path / "repository"
+    (root / "data").mkdir(parents=True)
+    shutil.copy(script.file, root)
+    shutil.copy(ROOT / "data" / "mnist.npz", root / "data")
+    return root
 
 
 def test_the_readme_has_one_snippet_per_framework_of_about_ten_lines():
@@ -31,10 +45,7 @@ def test_the_readme_has_one_snippet_per_framework_of_about_ten_lines():
 @pytest.mark.parametrize("flags", [[], ["--conditional"]], ids=["vae", "conditional"])
 def test_the_readme_snippets_run_as_printed_on_a_checkpoint(script, flags, tmp_path, digits_dir,
                                                             capsys):
-    root = tmp_path / "repository"
-    (root / "data").mkdir(parents=True)
-    shutil.copy(script.file, root)
-    shutil.copy(ROOT / "data" / "mnist.npz", root / "data")
+    root = repository(script, tmp_path)
     out_dir = root / "outputs" / script.name  # the default --out-dir
     code, err = call_main(script, quick(digits_dir, out_dir, "--epochs", "1", *flags), capsys)
     assert code == 0, err
@@ -48,3 +59,19 @@ def test_the_readme_snippets_run_as_printed_on_a_checkpoint(script, flags, tmp_p
     assert digits.shape[0] * digits.shape[1] >= 64 * 28 * 28
     assert reconstructed.shape[0] * reconstructed.shape[1] >= 8 * 28 * 28
     assert np.ptp(digits) > 0.1  # drawn digits, not a blank page
+
+
+def test_the_readme_writes_an_npz_of_your_own_images_that_trains_as_printed(script, tmp_path):
+    root = repository(script, tmp_path)
+    (code,), (command,) = blocks("Your own images"), blocks("Your own images", "bash")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with np.load(root / "my_images.npz") as data:
+        assert set(data) == {"x_train", "x_test"} and data["x_train"].shape[1:] == (28, 28)
+    argv = shlex.split(command.strip().replace("sample_pytorch", f"sample_{script.name}"))
+    result = subprocess.run([sys.executable, *argv[1:], "--epochs", "1", "--steps-per-epoch", "2",
+                             "--iw-samples", "1", "--device", "cpu"], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (root / "outputs" / "my_images" / "latent_space.png").is_file()

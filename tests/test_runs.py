@@ -56,6 +56,37 @@ def test_a_copy_run_alone_writes_its_figures_metrics_and_checkpoint_and_a_clean_
     assert metrics["backend"] == backend
 
 
+@pytest.mark.subprocess
+def test_an_npz_of_any_name_without_labels_trains_and_draws_all_six_figures(script, tmp_path,
+                                                                            digits_dir):
+    with np.load(f"{digits_dir}/mnist.npz") as data:  # images only: a VAE needs no labels
+        np.savez(tmp_path / "own.npz", x_train=data["x_train"], x_test=data["x_test"][:100])
+    flags = ["--data-dir", tmp_path / "own.npz", "--epochs", "1", "--steps-per-epoch", "3",
+             "--iw-samples", "2", "--device", "cpu"]
+    result = run_script(script.file, *flags, "--out-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert {*FIGURES, "metrics.json"} <= {path.name for path in (tmp_path / "out").iterdir()}
+    versions = json.loads((tmp_path / "out" / "metrics.json").read_text())["versions"]
+    assert {"python", "numpy", "matplotlib"} <= set(versions) and all(versions.values())
+    result = run_script(script.file, *flags, "--conditional", "--out-dir", tmp_path / "cvae")
+    assert result.returncode == 1 and not (tmp_path / "cvae").exists()
+    assert "own.npz: --conditional needs labels" in one_error_line(result.stderr)
+
+
+def test_a_one_epoch_runs_curves_draw_its_points(script, tmp_path):
+    """A line through one point draws nothing: each epoch's point needs a marker."""
+    record = {f"{split}_{key}": value for split, scale in (("train", 1.0), ("test", 1.1))
+              for key, value in (("loss", 150 * scale), ("reconstruction_loss", 140 * scale),
+                                 ("kl_loss", 10 * scale))}
+    figure = script.module.save_training_curves(str(tmp_path / "curves.png"), [record])
+    lines = [(ax.get_title(), line) for ax in figure.axes for line in ax.get_lines()]
+    assert len(lines) == 6 and (tmp_path / "curves.png").stat().st_size > 0
+    for title, line in lines:
+        key = {"loss = -ELBO": "loss", "reconstruction": "reconstruction_loss"}.get(title, "kl_loss")
+        assert list(line.get_xdata()) == [1] and line.get_marker() not in (None, "None", "")
+        assert list(line.get_ydata()) == [record[f"{line.get_label()}_{key}"]]
+
+
 def test_the_reported_test_loss_and_bound_match_an_independent_computation(script, tmp_path,
                                                                          digits_dir, capsys):
     """A short run on real digits, its checkpoint reloaded: metrics.json's test -ELBO and IW
@@ -150,7 +181,7 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_p
     monkeypatch.setattr(script.module, "kl_weight", kl_weight)
     # A fresh run must not overwrite that unfinished run, which goes on from its good epoch.
     code, err = call_main(script, argv, capsys)
-    assert code == 1 and "holds an unfinished run (1 of 3 epochs)" in err
+    assert code == 1 and "holds a run of 1 of 3 epochs; pass --resume" in err
     code, err = call_main(script, ["--resume", "--out-dir", out_dir, "--lr", "0.001"], capsys)
     assert code == 0, err
     assert [r["epoch"] for r in history(out_dir)] == [1, 2, 3]
@@ -168,10 +199,17 @@ def test_beta_and_the_kl_warm_up_weigh_the_kl_term_in_training(script, tmp_path,
     assert beta1[1]["test_kl_loss"] < warmup[1]["test_kl_loss"] < beta0[1]["test_kl_loss"]
 
 
-def test_a_collapsed_posterior_is_warned_about(script, tmp_path, data_dir, capsys, monkeypatch):
-    monkeypatch.setattr(script.module, "active_units", lambda z_mean: 0)
-    code, err = call_main(script, quick(data_dir, tmp_path / "out", "--epochs", "1"), capsys)
-    assert code == 0 and "no active latent units" in err and "--kl-warmup-epochs" in err
+def test_a_collapsed_posterior_is_warned_about_after_a_full_epoch_only(script, tmp_path,
+                                                                       data_dir, capsys):
+    """--beta 50 leaves no active unit, after three steps as after an epoch; only the epoch's
+    warning means something."""
+    few = quick(data_dir, tmp_path / "few", "--epochs", "1", "--beta", "50")
+    full = ["--data-dir", data_dir, "--out-dir", tmp_path / "full", "--device", "cpu",
+            "--iw-samples", "1", "--epochs", "1", "--beta", "50"]
+    for argv, warned in ((few, False), (full, True)):
+        code, err = call_main(script, argv, capsys)
+        assert code == 0 and history(argv[argv.index("--out-dir") + 1])[0]["active_units"] == 0
+        assert ("no active latent units: try --kl-warmup-epochs 10" in err) == warned, err
 
 
 # --- nothing lost ------------------------------------------------------------------------------
@@ -209,6 +247,34 @@ def test_a_full_disk_or_a_damaged_checkpoint_loses_nothing(script, tmp_path, dat
     path.unlink()
     code, err = call_main(script, ["--resume", "--out-dir", out_dir], capsys)
     assert code == 1 and "to resume; run without --resume" in err
+
+
+def test_a_fresh_run_over_a_finished_one_is_refused_and_loses_nothing(script, tmp_path,
+                                                                      data_dir, capsys):
+    out_dir = tmp_path / "out"
+    assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    for flags in ([], ["--latent-dim", "3", "--epochs", "2"]):
+        code, err = call_main(script, quick(data_dir, out_dir, *flags), capsys)
+        line = one_error_line(err)
+        assert code == 1 and "holds a run of 1 of 1 epochs; pass --resume" in line
+        assert "another --out-dir" in line and "delete it" in line
+        assert before == {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    # As the line says: --resume with a larger --epochs trains on.
+    assert call_main(script, quick(data_dir, out_dir, "--epochs", "2", "--resume"), capsys)[0] == 0
+    assert [r["epoch"] for r in history(out_dir)] == [1, 2]
+
+
+@pytest.mark.subprocess
+def test_a_failed_download_says_what_to_fetch_and_leaves_no_folder(script, tmp_path):
+    """Fashion-MNIST, with every connection refused (a proxy at a closed port) and a new home."""
+    closed = "http://127.0.0.1:9"
+    result = run_script(script.file, "--dataset", "fashion_mnist", "--out-dir", tmp_path / "out",
+                        env={"HOME": str(tmp_path), "http_proxy": closed, "https_proxy": closed})
+    line = one_error_line(result.stderr)
+    assert result.returncode == 1 and "could not download fashion_mnist" in line
+    assert "t10k-labels-idx1-ubyte.gz from http" in line and "--data-dir DIR" in line
+    assert not {"out", "torchvision", "datasets"} & {path.name for path in tmp_path.rglob("*")}
 
 
 # --- stops, as a user causes them ----------------------------------------------------------------
@@ -250,6 +316,10 @@ def slow_data(tmp_path_factory):
 @pytest.mark.subprocess
 def test_sigterm_stops_at_once_and_the_printed_command_resumes(script, tmp_path, slow_data):
     process = start(script, tmp_path / "out", slow_data)
+    for _ in range(300):  # until epoch 1's checkpoint is in place (slow on a loaded machine)
+        if (tmp_path / "out" / script.checkpoint).exists():
+            break
+        time.sleep(0.1)
     time.sleep(0.3)  # into epoch 2
     line = one_error_line(stop(process, signal.SIGTERM))
     assert process.returncode == 130
