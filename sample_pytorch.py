@@ -248,7 +248,9 @@ def iw_bound(model, test, num_samples, seed):
     generator = torch.Generator(device).manual_seed(seed)
     images, totals = max(1, IW_ROWS // num_samples), []
     x_test, y_test = (torch.from_numpy(a).to(device).split(images) for a in test)
-    for x, y in progress(zip(x_test, y_test), num_samples, len(test[0])):
+    print(f"importance-weighted bound: K={num_samples} samples for each of {len(test[0])} test "
+          "images...", flush=True)  # for logs; the progress bar shows on a terminal only
+    for x, y in tqdm(zip(x_test, y_test), f"IW bound, K={num_samples}", leave=False, disable=None):
         x = x.float() / 255
         eps = torch.randn((num_samples, len(x), model.latent_dim), generator=generator,
                           device=device)
@@ -294,13 +296,6 @@ def epoch_record(args, history, losses, z_mean, seconds):
     return record
 
 
-def progress(batches, num_samples, num_images):
-    """The bound's batches, announced on stdout for logs, with a progress bar on a terminal."""
-    print(f"importance-weighted bound: K={num_samples} samples for each of {num_images} test "
-          "images...", flush=True)
-    return tqdm(batches, f"IW bound, K={num_samples}", leave=False, disable=None)
-
-
 # Data (the same text in both scripts, but download) -------------------------------------------
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # mnist.npz
@@ -318,35 +313,29 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def load_data(args):
-    """(x_train, y_train, x_test, y_test), numpy, images as uint8 rows of 784, from --data-dir or
-    data/, else downloaded; binarized once under --binarize static, the test set under dynamic."""
+    """(x_train, y_train, x_test, y_test), numpy: images as uint8 rows of 784, labels -1 if none;
+    from --data-dir or data/, else downloaded; binarized once under --binarize static, the test
+    set under dynamic."""
     folder = args.data_dir or DATA_DIR
     if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
         path, arrays = read_data(folder, args.dataset)
     else:
         path, arrays = args.dataset, download(args.dataset)
-    x_train, y_train, x_test, y_test = checked_layout(path, arrays)
+    splits = []
+    for x, y in (arrays[:2], arrays[2:]):  # a VAE needs no labels
+        y = np.full(len(x), -1) if y is None and x is not None else y
+        if (x is None or x.dtype != np.uint8 or x.shape[1:] != (28, 28) or not len(x)
+                or y.shape != x.shape[:1] or not np.isin(y, range(-1, 10)).all()):
+            raise UserError(f"{path}: expected {LAYOUT}")
+        splits += [x.reshape(-1, 784), y.astype(np.int64)]
+    x_train, y_train, x_test, y_test = splits
     if args.conditional and min(y_train.min(), y_test.min()) < 0:
         raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
-    x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
     if args.binarize == "static":
         x_train = binarize(x_train, seed=1234)
     if args.binarize != "none":
         x_test = binarize(x_test, seed=5678)  # the same pixels in every run
     return x_train, y_train, x_test, y_test
-
-
-def checked_layout(path, arrays):
-    """The four arrays, labels as int64 and -1 where a file has none (a VAE needs none); any
-    other layout is refused in one line that names the file."""
-    splits = []
-    for x, y in (arrays[:2], arrays[2:]):
-        y = np.full(len(x), -1) if y is None and x is not None else y
-        if (x is None or x.dtype != np.uint8 or x.shape[1:] != (28, 28) or not len(x)
-                or y.shape != x.shape[:1] or not np.isin(y, range(-1, 10)).all()):
-            raise UserError(f"{path}: expected {LAYOUT}")
-        splits += [x, y.astype(np.int64)]
-    return splits
 
 
 def read_data(path, dataset):
@@ -402,8 +391,7 @@ def download(dataset):
 
 @contextlib.contextmanager
 def download_failure(dataset, folder):
-    """A failed download into `folder` removes the folders it made and says in one line what to
-    fetch instead, and where to put it."""
+    """A failed download into `folder` removes the folders it made and says what to fetch."""
     made = None
     while not os.path.isdir(folder):
         made, folder = folder, os.path.dirname(folder)
@@ -509,13 +497,14 @@ def save_training_curves(path, history):
     for ax, (key, title) in zip(fig.subplots(1, 3), titles.items()):
         curves = np.array([[r[f"{split}_{key}"] for r in history] for split in ("train", "test")])
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
-            ax.plot(range(1, len(history) + 1), values, style, marker=".", label=label)
+            ax.plot(range(1, len(history) + 1), values, style, label=label,
+                    marker="." if len(history) <= 50 else "")  # a run of one epoch: one dot
         if len(history) > 50:
             late = curves[:, len(history) // 10:]
             ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
         ax.set(title=title, xlabel="epoch", ylabel="nats per image",
                xlim=(0.5, len(history) + 0.5))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
+        ax.xaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.savefig(path)

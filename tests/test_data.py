@@ -34,7 +34,8 @@ def test_a_folder_of_the_four_idx_files_is_read_too(script, digits_dir, tmp_path
     with np.load(f"{digits_dir}/mnist.npz") as data:
         arrays = {key: data[key] for key in data}
     write_idx(tmp_path / "idx", arrays)
-    x_train, y_train, x_test, y_test = script.module.load_data(args_for(data_dir=str(tmp_path / "idx")))
+    args = args_for(data_dir=str(tmp_path / "idx"))
+    x_train, y_train, x_test, y_test = script.module.load_data(args)
     np.testing.assert_array_equal(x_train, arrays["x_train"].reshape(-1, 784))
     np.testing.assert_array_equal(y_test, arrays["y_test"])
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not an idx file")

@@ -82,7 +82,8 @@ def test_a_one_epoch_runs_curves_draw_its_points(script, tmp_path):
     lines = [(ax.get_title(), line) for ax in figure.axes for line in ax.get_lines()]
     assert len(lines) == 6 and (tmp_path / "curves.png").stat().st_size > 0
     for title, line in lines:
-        key = {"loss = -ELBO": "loss", "reconstruction": "reconstruction_loss"}.get(title, "kl_loss")
+        key = {"loss = -ELBO": "loss", "reconstruction": "reconstruction_loss"}.get(title,
+                                                                                 "kl_loss")
         assert list(line.get_xdata()) == [1] and line.get_marker() not in (None, "None", "")
         assert list(line.get_ydata()) == [record[f"{line.get_label()}_{key}"]]
 
