@@ -111,6 +111,14 @@ def reparameterize(z_mean, z_log_var, eps):
     return z_mean + ops.exp(0.5 * z_log_var) * eps
 
 
+def pixels(x):
+    """Images as floats in [0, 1]: uint8 ones, as fit() is fed them (a quarter of float32's
+    memory), looked up in a table of v / 255 (numpy's quotients: compiled, a division by 255
+    may become a product by 1/255, which rounds differently)."""
+    table = np.arange(256, dtype=np.float32) / np.float32(255)
+    return ops.take(table, ops.cast(x, "int32"), axis=0) if ops.dtype(x) == "uint8" else x
+
+
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
     """q(z|x) and p(x|z); with num_classes, q(z|x, y) and p(x|z, y), the one-hot label joined to
@@ -157,7 +165,7 @@ class VAE(keras.Model):
 
     def call(self, inputs, training=False):
         """[x, y] -> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x)."""
-        x, y = inputs
+        x, y = pixels(inputs[0]), inputs[1]
         z_mean, z_log_var = self.encode(x, y)
         samples = self.samples if training else 1
         eps = keras.random.normal((samples, *ops.shape(z_mean)), seed=self.seed_generator)
@@ -167,7 +175,7 @@ class VAE(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """What the stock train_step and test_step minimise and report: the objective averaged
         over the images of the batch (not over pixels); in evaluation -ELBO, unweighted."""
-        loss, reconstruction_loss, kl_loss = objective(x[0], y_pred,
+        loss, reconstruction_loss, kl_loss = objective(pixels(x[0]), y_pred,
                                                        self.kl_weight if training else 1.0)
         self.reconstruction_loss_tracker.update_state(reconstruction_loss)
         self.kl_loss_tracker.update_state(kl_loss)
@@ -231,19 +239,19 @@ def label_marginal_nll(model, x, eps):
 # Training and evaluation ----------------------------------------------------------------------
 
 def epoch_inputs(train, args, epoch):
-    """fit()'s [images, labels] from train = (x_train, y_train), in epoch_order(); the images as
-    floats, made binary afresh under --binarize dynamic from the seed and the epoch alone."""
+    """fit()'s [images, labels] from train = (x_train, y_train), in epoch_order(); the images
+    uint8, made binary afresh under --binarize dynamic from the seed and the epoch alone."""
     order = epoch_order(args, epoch, len(train[0]))
     x = train[0][order]
     if args.binarize == "dynamic":
         x = binarize(x, [args.seed, epoch])
-    return [x / np.float32(255), train[1][order]]
+    return [x, train[1][order]]
 
 
 def train(model, optimizer, data, args, history):
     """Epochs len(history) + 1 to --epochs on data (x_train, y_train, x_test, y_test), each
     trained, evaluated, printed and checkpointed; several devices share every batch."""
-    test = [data[2] / np.float32(255), data[3]]
+    test = list(data[2:])
     # Many steps per compiled call; one on the torch backend and under tf.distribute.
     one = keras.backend.backend() == "torch" or len(devices(args.device)) > 1
     model.compile(optimizer, steps_per_execution=1 if one else 64)
@@ -266,8 +274,11 @@ def train(model, optimizer, data, args, history):
 
 
 def posterior_means(model, test):
-    """Every test image's z_mean (numpy), for test = (x_test, y_test), in one batch."""
-    return ops.convert_to_numpy(model.encode(test[0] / np.float32(255), test[1])[0])
+    """Every test image's z_mean (numpy), for test = (x_test, y_test), in batches (one batch of
+    10,000 costs about 100 MB more at its peak)."""
+    batches = (np.array_split(a, range(EVAL_BATCH_SIZE, len(a), EVAL_BATCH_SIZE)) for a in test)
+    return np.concatenate([ops.convert_to_numpy(model.encode(pixels(x), y)[0])
+                           for x, y in zip(*batches)])
 
 
 def iw_bound(model, test, num_samples, seed):
@@ -576,7 +587,7 @@ def distribution(names, batch_size):
         return keras.device(names[0])
     if batch_size % len(names):
         raise UserError(f"--batch-size {batch_size} does not split evenly over "
-                        f"{len(names)} devices")
+                        f"{len(names)} data-parallel replicas")
     import tensorflow as tf
     return tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
 

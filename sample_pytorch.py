@@ -549,7 +549,7 @@ def start_processes(args):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.batch_size % dist.get_world_size():
         raise UserError(f"--batch-size {args.batch_size} does not split evenly over "
-                        f"{dist.get_world_size()} processes")
+                        f"{dist.get_world_size()} data-parallel replicas")
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return device, dist.get_rank()

@@ -95,8 +95,9 @@ class Recorder(torch.nn.Module):
 def training_images(script, images, epoch, binarize):
     """The float images the script trains on in `epoch`, in order."""
     args = args_for(binarize=binarize)
-    if script.name == "keras":
-        return script.module.epoch_inputs((images, np.zeros(len(images))), args, epoch)[0]
+    if script.name == "keras":  # fit() is fed uint8; the model's pixels() makes them floats
+        fed = script.module.epoch_inputs((images, np.zeros(len(images))), args, epoch)[0]
+        return script.numpy(script.module.pixels(fed))
     order = script.module.epoch_order(args, epoch, len(images))
     recorder = Recorder()
     batches = [(torch.from_numpy(images[rows] / np.float32(255)), None)

@@ -86,6 +86,15 @@ def test_pytorch_and_keras_compute_the_same_function(arch, num_classes):
         assert relative < 1e-5, name
 
 
+def test_keras_makes_the_uint8_fit_is_fed_into_the_floats_numpy_would():
+    """fit() takes uint8 images (a quarter of float32's memory); the model sees v / 255."""
+    keras = Script("keras")
+    values = np.arange(256, dtype=np.uint8).reshape(2, 128)
+    floats = keras.numpy(keras.module.pixels(keras.keras.ops.convert_to_tensor(values)))
+    np.testing.assert_array_equal(floats, values / np.float32(255))
+    assert keras.module.pixels(floats) is floats  # floats pass as they are
+
+
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_keras_initialises_each_layer_as_pytorch_does(arch):
     """PyTorch's default: every weight and every bias uniform in +-1/sqrt(fan_in), each drawn
