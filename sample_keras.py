@@ -342,8 +342,8 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
-LAYOUT = ("x_train and x_test, uint8 of shape (N, 28, 28), and if there are labels, y_train and "
-          "y_test, N of them, in 0-9")
+LAYOUT = ("x_train and x_test, uint8 of shape (N, 28, 28), N >= 20, and if there are labels, "
+          "y_train and y_test, N of them, in 0-9")
 SOURCES = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
            "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -362,7 +362,7 @@ def load_data(args):
     splits = []
     for x, y in (arrays[:2], arrays[2:]):  # a VAE needs no labels
         y = np.full(len(x), -1) if y is None and x is not None else y
-        if (x is None or x.dtype != np.uint8 or x.shape[1:] != (28, 28) or not len(x)
+        if (x is None or x.dtype != np.uint8 or x.shape[1:] != (28, 28) or len(x) < 20
                 or y.shape != x.shape[:1] or not np.isin(y, range(-1, 10)).all()):
             raise UserError(f"{path}: expected {LAYOUT}")
         splits += [x.reshape(-1, 784), y.astype(np.int64)]

@@ -44,30 +44,45 @@ def test_a_folder_of_the_four_idx_files_is_read_too(script, digits_dir, tmp_path
     assert code == 1 and "t10k-labels-idx1-ubyte: cannot read it" in err, err
 
 
+def images_only(path, **changes):
+    """An .npz of 30 training and 20 test images, no labels (a layout that trains), changed."""
+    arrays = {"x_train": np.zeros((30, 28, 28), np.uint8), "x_test": np.zeros((20, 28, 28),
+                                                                              np.uint8)}
+    arrays.update(changes)
+    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+
+
 @pytest.mark.parametrize("spoil, message", [
     (lambda path: path.unlink(), "No such file"),
     (lambda path: path.rename(path.with_name("own.npz")), "an .npz file of any name"),
     (lambda path: path.write_bytes(path.read_bytes()[:5000]), "cannot read it"),
     (lambda path: path.write_text("hello"), "cannot read it"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28), np.uint8)), "expected x_train"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 32, 32), np.uint8),
-                           x_test=np.zeros((3, 32, 32), np.uint8)), "(N, 28, 28)"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28)),
-                           x_test=np.zeros((3, 28, 28))), "uint8"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28), np.uint8), y_train=np.zeros(4),
-                           x_test=np.zeros((3, 28, 28), np.uint8)), "N of them"),
-    (lambda path: np.savez(path, images=np.zeros((5, 28, 28), np.uint8)), "expected x_train"),
-    (lambda path: np.savez(path, x_train=np.zeros((5, 28, 28), np.uint8), y_train=np.full(5, 10),
-                           x_test=np.zeros((3, 28, 28), np.uint8)), "in 0-9"),
+    (lambda path: images_only(path, x_test=None), "expected x_train"),
+    (lambda path: images_only(path, x_train=np.zeros((30, 32, 32), np.uint8)), "(N, 28, 28)"),
+    (lambda path: images_only(path, x_test=np.zeros((20, 28, 28))), "uint8"),
+    (lambda path: images_only(path, y_train=np.zeros(29)), "N of them"),
+    (lambda path: images_only(path, x_train=None, images=np.zeros((30, 28, 28), np.uint8)),
+     "expected x_train"),
+    (lambda path: images_only(path, x_test=np.zeros((19, 28, 28), np.uint8)), "N >= 20"),
+    (lambda path: images_only(path, y_test=np.full(20, 10)), "in 0-9"),
 ], ids=["missing", "misnamed", "truncated", "not a zip", "test images missing", "wrong image size",
-        "floats", "count mismatch", "other keys", "labels out of range"])
+        "floats", "count mismatch", "other keys", "too few test images", "labels out of range"])
 def test_bad_data_gets_one_line_and_creates_nothing(script, tmp_path, capsys, spoil, message):
     folder = write_dataset(tmp_path / "data")
-    spoil(tmp_path / "data" / "mnist.npz")
+    spoil(tmp_path / "data" / "mnist.npz")  # images_only() alone trains: test_runs.py
     code, err = call_main(script, ["--data-dir", folder, "--out-dir", tmp_path / "out"], capsys)
     assert code == 1 and message in err and err.count("\n") == 1, err
     assert ("mnist.npz: " in err) == (message not in ("No such file", "an .npz file of any name"))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_npz_of_images_alone_loads_with_no_labels(script, tmp_path):
+    """The layout every case above spoils in one way: as it is, it loads, labelled -1."""
+    images_only(tmp_path / "own.npz")
+    x_train, y_train, x_test, y_test = script.module.load_data(
+        args_for(data_dir=str(tmp_path / "own.npz")))
+    assert x_train.shape == (30, 784) and x_test.shape == (20, 784)
+    assert (y_train == -1).all() and (y_test == -1).all()
 
 
 def test_binarization_draws_each_pixel_with_its_grey_level_as_probability(script):
