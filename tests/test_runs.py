@@ -349,12 +349,14 @@ def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(script, tmp_path):
 
 
 @pytest.mark.subprocess
-def test_run_sh_keeps_each_frameworks_results_apart(tmp_path, data_dir):
-    result = subprocess.run(["bash", "scripts/run.sh", "--data-dir", data_dir, "--epochs", "1",
-                             "--steps-per-epoch", "2", "--iw-samples", "1", "--out-dir",
-                             tmp_path / "both"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+def test_run_sh_keeps_each_frameworks_results_apart_and_run_again_loses_nothing(tmp_path,
+                                                                               data_dir):
+    flags = ["--data-dir", data_dir, "--epochs", "1", "--steps-per-epoch", "2", "--iw-samples",
+             "1", "--out-dir", tmp_path / "both"]
+    runs = [subprocess.run(["bash", "scripts/run.sh", *flags], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], runs[-1].stderr
+    assert runs[1].stdout.count("resuming after epoch 1 of") == 2  # the second goes on, no more
     for name in ("pytorch", "keras"):
         metrics = json.loads((tmp_path / "both" / name / "metrics.json").read_text())
-        assert metrics["framework"] == name
+        assert metrics["framework"] == name and len(metrics["history"]) == 1
