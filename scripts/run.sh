@@ -14,8 +14,9 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
+declare -A checkpoint=([pytorch]=checkpoint.pt [keras]=checkpoint.keras)
 for framework in pytorch keras; do
   dir="${out:-outputs}/$framework" resume=()
-  if compgen -G "$dir/checkpoint.*" > /dev/null; then resume=(--resume); fi
+  if [ -f "$dir/${checkpoint[$framework]}" ]; then resume=(--resume); fi
   .venv/bin/python "sample_$framework.py" "${args[@]}" "${resume[@]}" --out-dir "$dir"
 done
