@@ -528,12 +528,13 @@ def save_training_curves(path, history):
     fig = Figure(figsize=(13, 3.8), layout="tight")
     titles = {"loss": "loss = -ELBO", "reconstruction_loss": "reconstruction",
               "kl_loss": "KL(q(z|x) || p(z))"}
+    long = len(history) > 50
     for ax, (key, title) in zip(fig.subplots(1, 3), titles.items()):
         curves = np.array([[r[f"{split}_{key}"] for r in history] for split in ("train", "test")])
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
             ax.plot(range(1, len(history) + 1), values, style, label=label,
-                    marker="." if len(history) <= 50 else "")  # a run of one epoch: one dot
-        if len(history) > 50:
+                    marker="" if long else ".")  # a run of one epoch: one dot
+        if long:
             late = curves[:, len(history) // 10:]
             ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
         ax.set(title=title, xlabel="epoch", ylabel="nats per image",
