@@ -252,9 +252,6 @@ def train(model, optimizer, data, args, history):
     """Epochs len(history) + 1 to --epochs on data (x_train, y_train, x_test, y_test), each
     trained, evaluated, printed and checkpointed; several devices share every batch."""
     test = list(data[2:])
-    # Many steps per compiled call; one on the torch backend and under tf.distribute.
-    one = keras.backend.backend() == "torch" or len(devices(args.device)) > 1
-    model.compile(optimizer, steps_per_execution=1 if one else 64)
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
         state = model.seed_generator.state  # the epoch's noise: nothing to save
@@ -747,20 +744,23 @@ def main(argv=None):
             if args.resume:
                 history.extend(saved["history"])
                 print(f"resuming after epoch {len(history)} of {path}")
+                optimizer = model.optimizer  # with Adam's state
             else:
                 keras.utils.set_random_seed(args.seed)  # the initial weights
                 model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
                             args.iwae)
-                adam = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
-                model.compile(optimizer=adam)
+                optimizer = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
                 # The weights and Adam's state made now: made in fit(), TensorFlow traces twice.
                 model([keras.Input((784,)), keras.Input((), dtype="int32")])
-                model.optimizer.build(model.trainable_variables)
+                optimizer.build(model.trainable_variables)
+            # Many steps per compiled call; one on the torch backend and under tf.distribute.
+            many = keras.backend.backend() != "torch" and len(names) == 1
+            model.compile(optimizer, steps_per_execution=64 if many else 1)
             where = ", ".join(names) + (", data-parallel" if len(names) > 1 else "")
             print(f"Keras {keras.__version__} on {keras.backend.backend()}, {where}; "
                   f"{len(data[0])} training and {len(data[2])} test images", flush=True)
             started = time.time()
-            train(model, model.optimizer, data, args, history)
+            train(model, optimizer, data, args, history)
         decode = lambda z, y: ops.convert_to_numpy(model.decode(z, y))
         save_figures(args, history, data[2:], posterior_means(model, data[2:]), decode)
         iw_started = time.time()
