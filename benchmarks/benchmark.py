@@ -51,7 +51,8 @@ SPINNER = "while True: pass  # benchmark.py --busy"  # one core's worth of someo
 
 def measure(argv):
     """(peak resident memory in MB, seconds from launch to exit, launch time) of a command,
-    from the kernel's accounting of that one child."""
+    from the kernel's accounting of that one child (which starts at this small process's size:
+    the fork's copy)."""
     started = time.time()
     pid = os.fork()
     if pid == 0:  # the child becomes the command, so its rusage is the command's alone
