@@ -5,6 +5,7 @@ import gzip
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,11 @@ from pathlib import Path
 # starts, so that their thread pools do not spin against each other (set before the imports).
 for variable in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
     os.environ.setdefault(variable, "1")
+
+# A job that a non-interactive shell starts in the background has SIGINT ignored, and every
+# process it starts inherits that; Ctrl-C's tests need the scripts to receive it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
