@@ -57,10 +57,10 @@ def test_a_run_s_figures_come_from_its_own_history_and_the_kernel_s_accounting(m
     # The peak memory is the child's: one that fills 200 MB peaks a little above that. A forked
     # child's count starts at its parent's size, which here is pytest's (torch, TensorFlow), so
     # the measuring parent is a small process, as benchmark.py is.
-    code = ("from benchmarks import benchmark; print(benchmark.measure([sys.executable, '-c', "
-            "'import numpy; numpy.ones(25 * 2**20).sum()'])[0])")
-    result = subprocess.run([sys.executable, "-c", "import sys; " + code], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
+    code = ("import sys; from benchmarks import benchmark; print(benchmark.measure(["
+            "sys.executable, '-c', 'import numpy; numpy.ones(25 * 2**20).sum()'])[0])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
     assert 200 < float(result.stdout) < 200 + 100
     with pytest.raises(SystemExit, match="failed"):
         benchmark.measure([sys.executable, "-c", "raise SystemExit(3)"])
