@@ -244,7 +244,7 @@ def epoch_inputs(train, args, epoch):
     order = epoch_order(args, epoch, len(train[0]))
     x = train[0][order]
     if args.binarize == "dynamic":
-        x = binarize(x, [args.seed, epoch])
+        x = binarize(x, stream_seed(args, "pixels", epoch))
     return [x, train[1][order]]
 
 
@@ -254,8 +254,8 @@ def train(model, optimizer, data, args, history):
     test = list(data[2:])
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
-        state = model.seed_generator.state  # the epoch's noise: nothing to save
-        state.assign(np.array([hash((args.seed, epoch)) % 2**31, 0], state.dtype))
+        state = model.seed_generator.state  # eps: nothing to save
+        state.assign(np.array([stream_seed(args, "noise", epoch), 0], state.dtype))
         model.kl_weight.assign(kl_weight(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
         logs = model.fit(epoch_inputs(data[:2], args, epoch), batch_size=args.batch_size,
@@ -339,6 +339,7 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
+STREAMS = ("weights", "order", "noise", "pixels", "figures", "bound")  # see stream_seed()
 LAYOUT = ("x_train and x_test, uint8 of shape (N, 28, 28), N >= 20, and if there are labels, "
           "y_train and y_test, N of them, in 0-9")
 SOURCES = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -406,9 +407,16 @@ def binarize(images, seed):
     return np.where(noise < images, 255, 0).astype(np.uint8)
 
 
+def stream_seed(args, stream, epoch=0, rank=0):
+    """The seed of one of STREAMS, from --seed, the epoch and the process alone, so that a resumed
+    run draws what an unstopped one would; numpy's SeedSequence keeps the streams independent."""
+    entropy = [args.seed, STREAMS.index(stream), epoch, rank]
+    return int(np.random.default_rng(entropy).integers(2**31))
+
+
 def epoch_order(args, epoch, num_images):
     """The epoch's order of the training images, from --seed and the epoch alone (for resume)."""
-    order = np.random.default_rng([args.seed, epoch]).permutation(num_images)
+    order = np.random.default_rng(stream_seed(args, "order", epoch)).permutation(num_images)
     return order[:args.steps_per_epoch * args.batch_size] if args.steps_per_epoch else order
 
 
@@ -448,7 +456,8 @@ def save_figures(args, history, test, z_mean, decode):
     rows = np.concatenate([x[:10], pixels[:10], x[10:20], pixels[10:]])
     mosaic(rows, 10, "test digits and their reconstructions (at z_mean)",
            ["test digit", "reconstruction"] * 2).figure.savefig(path("reconstructions.png"))
-    z = np.random.default_rng(args.seed).standard_normal((100, args.latent_dim), np.float32)
+    z = np.random.default_rng(stream_seed(args, "figures")).standard_normal(
+        (100, args.latent_dim), np.float32)
     y, row_labels, title = None, (), "samples from the prior, z ~ N(0, I)"
     if args.conditional:  # z is the style, y the class: one row a label, one z a column
         z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
@@ -746,7 +755,7 @@ def main(argv=None):
                 print(f"resuming after epoch {len(history)} of {path}")
                 optimizer = model.optimizer  # with Adam's state
             else:
-                keras.utils.set_random_seed(args.seed)  # the initial weights
+                keras.utils.set_random_seed(stream_seed(args, "weights"))  # the initial weights
                 model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
                             args.iwae)
                 optimizer = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
@@ -764,7 +773,7 @@ def main(argv=None):
         decode = lambda z, y: ops.convert_to_numpy(model.decode(z, y))
         save_figures(args, history, data[2:], posterior_means(model, data[2:]), decode)
         iw_started = time.time()
-        iw_nll = iw_bound(model, data[2:], args.iw_samples, args.seed)
+        iw_nll = iw_bound(model, data[2:], args.iw_samples, stream_seed(args, "bound"))
         timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
         backend = keras.backend.backend()
         write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,

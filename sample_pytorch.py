@@ -181,12 +181,13 @@ def label_marginal_nll(model, x, eps):
 
 # Training and evaluation ----------------------------------------------------------------------
 
-def train_epoch(model, optimizer, batches, kl_weight, dynamic=False):
-    """One pass of Adam over (images, labels) batches, binarized if `dynamic`: sums of the terms."""
+def train_epoch(model, optimizer, batches, kl_weight, binarizer=None):
+    """One pass of Adam over (images, labels) batches, each pixel drawn binary by the
+    torch.Generator `binarizer` if one is given: sums of the terms."""
     model.train()
     sums = torch.zeros(4, device=next(model.parameters()).device)
     for x, y in batches:
-        x = torch.bernoulli(x) if dynamic else x
+        x = torch.bernoulli(x, generator=binarizer) if binarizer else x
         loss, reconstruction_loss, kl_loss = objective(x, model(x, y), kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()  # per image, not per pixel
@@ -205,15 +206,16 @@ def train(model, optimizer, data, args, history):
     x_train, y_train = (torch.from_numpy(a).to(device) for a in data[:2])  # uint8, once
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
-        torch.manual_seed(hash((args.seed, epoch, rank)))  # the epoch's noise: nothing to save
+        torch.manual_seed(stream_seed(args, "noise", epoch, rank))  # eps: nothing to save
         for group in optimizer.param_groups:
             group["lr"] = args.lr * args.lr_decay ** (epoch - 1)
         order = epoch_order(args, epoch, len(x_train))
         order = torch.from_numpy(order[:len(order) // world_size * world_size]).to(device)
         batches = ((x_train[rows].float() / 255, y_train[rows])
                    for rows in (rows[rank::world_size] for rows in order.split(args.batch_size)))
+        binarizer = torch.Generator(device).manual_seed(stream_seed(args, "pixels", epoch, rank))
         sums = train_epoch(net, optimizer, batches, kl_weight(args, epoch),
-                           args.binarize == "dynamic")
+                           binarizer if args.binarize == "dynamic" else None)
         if world_size > 1:
             dist.all_reduce(sums)
         test, z_mean = evaluate(model, data[2:])
@@ -304,6 +306,7 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 EVAL_BATCH_SIZE = 500  # no gradients are kept in evaluation: larger batches only cost memory
 IW_ROWS = 1000  # decoder rows per call in the importance-weighted bound (images x samples)
+STREAMS = ("weights", "order", "noise", "pixels", "figures", "bound")  # see stream_seed()
 LAYOUT = ("x_train and x_test, uint8 of shape (N, 28, 28), N >= 20, and if there are labels, "
           "y_train and y_test, N of them, in 0-9")
 SOURCES = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -371,9 +374,16 @@ def binarize(images, seed):
     return np.where(noise < images, 255, 0).astype(np.uint8)
 
 
+def stream_seed(args, stream, epoch=0, rank=0):
+    """The seed of one of STREAMS, from --seed, the epoch and the process alone, so that a resumed
+    run draws what an unstopped one would; numpy's SeedSequence keeps the streams independent."""
+    entropy = [args.seed, STREAMS.index(stream), epoch, rank]
+    return int(np.random.default_rng(entropy).integers(2**31))
+
+
 def epoch_order(args, epoch, num_images):
     """The epoch's order of the training images, from --seed and the epoch alone (for resume)."""
-    order = np.random.default_rng([args.seed, epoch]).permutation(num_images)
+    order = np.random.default_rng(stream_seed(args, "order", epoch)).permutation(num_images)
     return order[:args.steps_per_epoch * args.batch_size] if args.steps_per_epoch else order
 
 
@@ -417,7 +427,8 @@ def save_figures(args, history, test, z_mean, decode):
     rows = np.concatenate([x[:10], pixels[:10], x[10:20], pixels[10:]])
     mosaic(rows, 10, "test digits and their reconstructions (at z_mean)",
            ["test digit", "reconstruction"] * 2).figure.savefig(path("reconstructions.png"))
-    z = np.random.default_rng(args.seed).standard_normal((100, args.latent_dim), np.float32)
+    z = np.random.default_rng(stream_seed(args, "figures")).standard_normal(
+        (100, args.latent_dim), np.float32)
     y, row_labels, title = None, (), "samples from the prior, z ~ N(0, I)"
     if args.conditional:  # z is the style, y the class: one row a label, one z a column
         z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
@@ -710,7 +721,7 @@ def main(argv=None):
             history.extend(saved["history"])
             print(f"resuming after epoch {len(history)} of {path}")
         else:
-            torch.manual_seed(args.seed)  # the initial weights
+            torch.manual_seed(stream_seed(args, "weights"))  # the initial weights
             model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
                         args.iwae)
         optimizer = torch.optim.Adam(model.to(device).parameters(), lr=args.lr,
@@ -727,7 +738,7 @@ def main(argv=None):
                 decode = lambda z, y: model.decode(torch.from_numpy(z).to(device), y).cpu().numpy()
                 save_figures(args, history, data[2:], evaluate(model, data[2:])[1], decode)
             iw_started = time.time()
-            iw_nll = iw_bound(model, data[2:], args.iw_samples, args.seed)
+            iw_nll = iw_bound(model, data[2:], args.iw_samples, stream_seed(args, "bound"))
             timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
             write_metrics(args, {"framework": FRAMEWORK, "backend": "torch", "device": where,
                                  "versions": {"torch": torch.__version__}, "timing": timing},

@@ -117,8 +117,9 @@ def training_images(script, images, epoch, binarize):
     recorder = Recorder()
     batches = [(torch.from_numpy(images[rows] / np.float32(255)), None)
                for rows in np.split(order, 4)]
+    binarizer = torch.Generator().manual_seed(epoch) if binarize == "dynamic" else None
     script.module.train_epoch(recorder, torch.optim.SGD(recorder.parameters(), lr=0.0), batches,
-                              1.0, binarize == "dynamic")
+                              1.0, binarizer)
     return np.concatenate(recorder.seen)
 
 
@@ -138,3 +139,16 @@ def test_each_epoch_has_its_own_order_of_every_image(script):
     assert (orders[0] != orders[1]).any()
     np.testing.assert_array_equal(orders[0], orders[2])
     assert len(script.module.epoch_order(args_for(steps_per_epoch=3), 1, 1000)) == 24
+
+
+@pytest.mark.parametrize("script", ["keras"], indirect=True)  # PyTorch's pixels come from torch
+def test_keras_dynamic_pixels_are_drawn_independently_of_the_order(script):
+    """Drawn from the order's own generator, the first image's first pixel goes with the last
+    image's place (correlation -0.33 over 2,000 epochs at grey level 32); drawn independently,
+    the correlation is noise (sd 0.022)."""
+    images = np.full((64, 784), 32, np.uint8)
+    args, labels = args_for(binarize="dynamic"), np.arange(64)
+    fed = [script.module.epoch_inputs((images, labels), args, epoch) for epoch in range(2000)]
+    first_pixel = [x[0, 0] for x, _ in fed]
+    last_place = [y[-1] for _, y in fed]
+    assert abs(np.corrcoef(first_pixel, last_place)[0, 1]) < 0.1

@@ -32,14 +32,16 @@ def same_training(one, two):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.1)
 
 
-# Each process saves its own weights once trained, so that the test can compare them.
+# Each process saves its own weights once trained, and its next draw of noise (as many drawn in
+# each), so that the test can compare them.
 EACH_RANK_SAVES = """import os, sys, torch
 sys.path.insert(0, os.getcwd())
 import sample_pytorch
 train = sample_pytorch.train
 def train_and_save(model, *rest):
     train(model, *rest)
-    torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+    saved = {"weights": model.state_dict(), "next_noise": torch.randn(8)}
+    torch.save(saved, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
 sample_pytorch.train = train_and_save
 sample_pytorch.main(sys.argv[2:])
 """
@@ -57,8 +59,9 @@ def test_two_gloo_processes_under_torchrun_train_alike_and_resume(tmp_path, digi
     stdout = run([*torchrun, tmp_path / "each_rank_saves.py", tmp_path, *flags, "--out-dir", two])
     assert stdout.count("epoch 2/2") == 1 and "on 2 processes" in stdout
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    for name, weight in ranks[0].items():
-        assert torch.equal(weight, ranks[1][name]), name
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    assert not torch.equal(ranks[0]["next_noise"], ranks[1]["next_noise"])
     same_training(one, two)
     run([*torchrun, "sample_pytorch.py", "--resume", "--epochs", "3", "--out-dir", one])
     assert [r["epoch"] for r in history(one)] == [1, 2, 3]
