@@ -43,19 +43,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices a
 # On the torch backend, OpenMP's idle threads spin 300 turns, not 300,000, before they sleep, so
 # that other busy processes do not slow an epoch several times (docs/performance.md).
 os.environ.setdefault("GOMP_SPINCOUNT", "300")
-# TensorFlow's C++ logs three notices at import that TF_CPP_MIN_LOG_LEVEL does not reach: the
-# import's stderr is caught and written back without them, so anything else still shows.
 NOTICES = re.compile(r"absl::InitializeLog|\] oneDNN custom operations|\] Could not find cuda")
-with tempfile.TemporaryFile("w+") as caught:
-    stderr = os.dup(2)
-    os.dup2(caught.fileno(), 2)
-    try:
-        import keras
-    finally:
-        os.dup2(stderr, 2)
-        os.close(stderr)
-        caught.seek(0)
-        sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
+
+
+@contextlib.contextmanager
+def tensorflow_notices_dropped():
+    """TensorFlow's C++ logs three notices as it loads that TF_CPP_MIN_LOG_LEVEL does not reach:
+    stderr is caught meanwhile and written back without them, so anything else still shows."""
+    with tempfile.TemporaryFile("w+") as caught:
+        stderr = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+            caught.seek(0)
+            sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
+
+
+with tensorflow_notices_dropped():  # on TensorFlow's backend; on the others, see main()
+    import keras
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
@@ -181,6 +189,13 @@ class VAE(keras.Model):
         self.kl_loss_tracker.update_state(kl_loss)
         return ops.mean(loss)
 
+    def get_compile_config(self):
+        """Adam saved by its public name: on the torch backend Keras makes it a torch subclass,
+        whose module another backend would import (and torch loaded after TensorFlow crashes)."""
+        config = super().get_compile_config()
+        config["optimizer"]["module"] = "keras.optimizers"
+        return config
+
     def get_config(self):
         return {**super().get_config(), "arch": self.arch, "latent_dim": self.latent_dim,
                 "num_classes": self.num_classes, "samples": self.samples,
@@ -238,10 +253,12 @@ def label_marginal_nll(model, x, eps):
 
 # Training and evaluation ----------------------------------------------------------------------
 
-def epoch_inputs(train, args, epoch):
-    """fit()'s [images, labels] from train = (x_train, y_train), in epoch_order(); the images
-    uint8, made binary afresh under --binarize dynamic from the seed and the epoch alone."""
+def epoch_inputs(train, args, epoch, replicas=1):
+    """fit()'s [images, labels] from train = (x_train, y_train), in epoch_order() cut to a
+    multiple of the replicas; the images uint8, made binary afresh under --binarize dynamic
+    from the seed and the epoch alone."""
     order = epoch_order(args, epoch, len(train[0]))
+    order = order[:len(order) // replicas * replicas]
     x = train[0][order]
     if args.binarize == "dynamic":
         x = binarize(x, stream_seed(args, "pixels", epoch))
@@ -252,16 +269,23 @@ def train(model, optimizer, data, args, history):
     """Epochs len(history) + 1 to --epochs on data (x_train, y_train, x_test, y_test), each
     trained, evaluated, printed and checkpointed; several devices share every batch."""
     test = list(data[2:])
+    # Keras's DataParallel (JAX) shards a batch only if it splits evenly over the devices.
+    mesh = keras.distribution.distribution()
+    replicas = mesh.device_mesh.devices.size if mesh else 1
+    if len(test[0]) % replicas:
+        raise UserError(f"the {len(test[0])} test images do not split evenly over {replicas} "
+                        "data-parallel devices; make fewer visible (CUDA_VISIBLE_DEVICES)")
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
         state = model.seed_generator.state  # eps: nothing to save
         state.assign(np.array([stream_seed(args, "noise", epoch), 0], state.dtype))
         model.kl_weight.assign(kl_weight(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
-        logs = model.fit(epoch_inputs(data[:2], args, epoch), batch_size=args.batch_size,
-                         shuffle=False, verbose=0).history
+        logs = model.fit(epoch_inputs(data[:2], args, epoch, replicas),
+                         batch_size=args.batch_size, shuffle=False, verbose=0).history
         logs = {key: value[0] for key, value in logs.items()}
-        scores = model.evaluate(test, batch_size=EVAL_BATCH_SIZE, verbose=0, return_dict=True)
+        scores = model.evaluate(test, batch_size=EVAL_BATCH_SIZE // replicas * replicas,
+                                verbose=0, return_dict=True)
         losses = ([logs["reconstruction_loss"], logs["kl_loss"], logs["loss"]],
                   [scores["reconstruction_loss"], scores["kl_loss"]])
         record = epoch_record(args, history, losses, posterior_means(model, data[2:]),
@@ -580,8 +604,9 @@ def devices(name):
         gpus = [torch.accelerator.current_accelerator().type] if (
             torch.accelerator.is_available()) else []
         cpus = ["cpu"]
-    else:
-        gpus, cpus = (keras.distribution.list_devices(kind) for kind in ("gpu", "cpu"))
+    else:  # the default kind is the accelerator, if any (JAX raises for a kind it lacks)
+        gpus = [d for d in keras.distribution.list_devices() if not d.startswith("cpu")]
+        cpus = keras.distribution.list_devices("cpu")
     if name == "gpu" and not gpus:
         raise UserError(f"--device gpu: Keras's {keras.backend.backend()} backend sees no GPU; "
                         "use --device cpu")
@@ -589,13 +614,16 @@ def devices(name):
 
 
 def distribution(names, batch_size):
-    """The scope to build, load and train the model in: one device, or several, data-parallel
-    with TensorFlow's MirroredStrategy, each step's batch split evenly between them."""
+    """The scope to build, load and train the model in: one device, or several, data-parallel,
+    each step's batch split evenly between them: Keras's DataParallel on JAX, TensorFlow's
+    MirroredStrategy on TensorFlow."""
     if len(names) == 1:
         return keras.device(names[0])
     if batch_size % len(names):
         raise UserError(f"--batch-size {batch_size} does not split evenly over "
                         f"{len(names)} data-parallel replicas")
+    if keras.backend.backend() == "jax":
+        return keras.distribution.DataParallel(devices=names).scope()
     import tensorflow as tf
     return tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
 
@@ -755,7 +783,8 @@ def main(argv=None):
                 print(f"resuming after epoch {len(history)} of {path}")
                 optimizer = model.optimizer  # with Adam's state
             else:
-                keras.utils.set_random_seed(stream_seed(args, "weights"))  # the initial weights
+                with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
+                    keras.utils.set_random_seed(stream_seed(args, "weights"))  # initial weights
                 model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
                             args.iwae)
                 optimizer = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon

@@ -41,18 +41,21 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPORTS = {"pytorch": "import torch", "keras": "import keras"}
+# Each configuration: the script it runs and the backend under it (KERAS_BACKEND for Keras).
+SCRIPTS = {"pytorch": ("pytorch", "torch"), "keras": ("keras", "tensorflow"),
+           "keras-jax": ("keras", "jax")}
+IMPORTS = {"pytorch": "import torch", "keras": "import keras", "keras-jax": "import keras"}
 # The first optimizer PyTorch makes imports its compiler stack (torch._dynamo) too.
 WITH_ADAM = {"pytorch": "; torch.optim.Adam([torch.zeros(1, requires_grad=True)])",
-             "keras": "; keras.optimizers.Adam()"}
+             "keras": "; keras.optimizers.Adam()", "keras-jax": "; keras.optimizers.Adam()"}
 LATENT_DIM = 20
 SPINNER = "while True: pass  # benchmark.py --busy"  # one core's worth of someone else's work
 
 
-def measure(argv):
-    """(peak resident memory in MB, seconds from launch to exit, launch time) of a command,
-    from the kernel's accounting of that one child (which starts at this small process's size:
-    the fork's copy)."""
+def measure(argv, backend=None):
+    """(peak resident memory in MB, seconds from launch to exit, launch time) of a command, on
+    Keras's `backend` if given, from the kernel's accounting of that one child (which starts at
+    this small process's size: the fork's copy)."""
     started = time.time()
     pid = os.fork()
     if pid == 0:  # the child becomes the command, so its rusage is the command's alone
@@ -60,7 +63,8 @@ def measure(argv):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, {**os.environ, **({"KERAS_BACKEND": backend} if backend
+                                                    else {})})
     _, status, usage = os.wait4(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"benchmark: {' '.join(map(str, argv))} failed (run it by hand to see why)")
@@ -68,10 +72,11 @@ def measure(argv):
 
 
 def script_run(framework, arch, args, out_dir, *more):
-    argv = [sys.executable, str(ROOT / f"sample_{framework}.py"), "--data-dir", str(args.data),
+    script, backend = SCRIPTS[framework]
+    argv = [sys.executable, str(ROOT / f"sample_{script}.py"), "--data-dir", str(args.data),
             "--out-dir", str(out_dir), "--arch", arch, "--latent-dim", str(LATENT_DIM),
             "--batch-size", "128", "--device", args.device, *map(str, more)]
-    rss, wall, started = measure(argv)
+    rss, wall, started = measure(argv, backend)
     return rss, wall, started, json.loads((out_dir / "metrics.json").read_text())
 
 
@@ -234,7 +239,8 @@ def measure_rounds(args, busy, scratch):
 def ratios(rounds):
     """{what/arch: [ratio of seconds per epoch in each round]}, each taken within a round."""
     pairs = {"pytorch_speedup": ("dataloader-reference", "pytorch"),
-             "keras_over_pytorch": ("keras", "pytorch")}
+             "keras_over_pytorch": ("keras", "pytorch"),
+             "keras-jax_over_pytorch": ("keras-jax", "pytorch")}
     found = {}
     for what, (top, bottom) in pairs.items():
         for arch in ("mlp", "conv"):
@@ -260,7 +266,7 @@ def print_table(results):
             print(f"{name:28} {run['seconds_per_epoch']:8.3f}")
             continue
         framework = name.split("/")[0]
-        label = f"{name} ({run['backend']})" if framework == "keras" else name
+        label = f"{name} ({run['backend']})" if framework.startswith("keras") else name
         print(f"{label:28} {run['seconds_per_epoch']:8.3f} {run['worst_over_median']:9.2f} "
               f"{run['start_up']:7.2f}s {run['warm_up']:7.2f}s {run['first_step']:7.2f}s "
               f"{run['wall']:6.1f}s {run['peak_rss_mb']:7.0f}MB "
@@ -278,8 +284,9 @@ def print_table(results):
             print(f"{arch}: sample_pytorch.py is {ratio:.2f}x faster per epoch than the "
                   f"DataLoader reference{spread(values)}")
         else:
-            print(f"{arch}: sample_keras.py takes {ratio:.2f}x the seconds per epoch of "
-                  f"sample_pytorch.py{spread(values)}")
+            backend = SCRIPTS[what.split("_over_")[0]][1]
+            print(f"{arch}: sample_keras.py on {backend} takes {ratio:.2f}x the seconds per "
+                  f"epoch of sample_pytorch.py{spread(values)}")
     if results["bound"]:
         print(f"\nimportance-weighted bound, K={results['iw_samples']} on each of "
               f"{results['test_images']} test images; this CPU's float32 matrix product: "
@@ -311,8 +318,8 @@ def parse(argv):
                         help="use only the first TRAIN training and TEST test images")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run (default: 6)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds (default: 1)")
-    parser.add_argument("--frameworks", nargs="+", default=["pytorch", "keras"],
-                        choices=["pytorch", "keras"])
+    parser.add_argument("--frameworks", nargs="+", default=list(SCRIPTS), choices=SCRIPTS,
+                        help="keras runs on TensorFlow, keras-jax on JAX (default: all)")
     parser.add_argument("--archs", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--iw-samples", type=int, default=100,
@@ -346,7 +353,7 @@ def main(argv=None):
                    "repeats": args.repeats, "device": args.device, "cpus": os.cpu_count()}
         for key, more in (("import_rss_mb", {}), ("import_and_adam_rss_mb", WITH_ADAM)):
             results[key] = {f: statistics.median(
-                measure([sys.executable, "-c", IMPORTS[f] + more.get(f, "")])[0]
+                measure([sys.executable, "-c", IMPORTS[f] + more.get(f, "")], SCRIPTS[f][1])[0]
                 for _ in range(args.repeats)) for f in args.frameworks}
         results["busy"] = {busy: measure_rounds(args, busy, scratch) for busy in args.busy}
         results["rounds"] = results["busy"][args.busy[0]]

@@ -87,7 +87,12 @@ class Script:
 
     def gradient(self, function, array):
         """d sum(function(array)) / d array, numpy in and out, by the backend's autodiff."""
-        if self.name == "keras" and self.keras.backend.backend() == "tensorflow":
+        backend = self.keras.backend.backend() if self.name == "keras" else "torch"
+        if backend == "jax":
+            import jax
+            total = lambda a: jax.numpy.sum(function(a))
+            return np.asarray(jax.grad(total)(np.asarray(array, np.float32)))
+        if backend == "tensorflow":
             import tensorflow as tf
             variable = tf.Variable(np.asarray(array, np.float32))
             with tf.GradientTape() as tape:

@@ -22,13 +22,13 @@ def test_the_benchmark_runs_and_reports_its_figures_and_ratios(tmp_path, digits_
     result = run_script(ROOT / "benchmarks" / "benchmark.py", "--data-dir", digits_dir,
                         "--subset", "400", "100", "--epochs", "2", "--repeats", "1", "--archs",
                         "mlp", "--iw-samples", "3", "--json", tmp_path / "results.json",
-                        timeout=600)
+                        "--frameworks", "pytorch", "keras-jax", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    names = {"pytorch/mlp", "keras/mlp", "dataloader-reference/mlp"}
+    names = {"pytorch/mlp", "keras-jax/mlp", "dataloader-reference/mlp"}
     assert [set(runs) for runs in results["rounds"]] == [names]
     assert (results["train_images"], results["test_images"]) == (400, 100)
-    for framework in ("pytorch", "keras"):
+    for framework in ("pytorch", "keras-jax"):  # Keras on TensorFlow takes the same path
         run = results["runs"][f"{framework}/mlp"]
         assert 0 < run["seconds_per_epoch"]
         assert 0 < run["start_up"] < run["wall"] and 0 < run["first_step"] < run["wall"]
@@ -36,7 +36,8 @@ def test_the_benchmark_runs_and_reports_its_figures_and_ratios(tmp_path, digits_
         assert 0 < run["test_loss"] < 784 * math.log(2)  # nats per image: beats coin flips
         assert results["bound"][f"{framework}/mlp"]["gflops"] > 0
     assert "x faster per epoch than the DataLoader reference" in result.stdout
-    assert "sample_keras.py takes" in result.stdout and "GFLOP/s" in result.stdout
+    assert results["runs"]["keras-jax/mlp"]["backend"] == "jax"
+    assert "sample_keras.py on jax takes" in result.stdout and "GFLOP/s" in result.stdout
 
 
 def test_a_run_s_figures_come_from_its_own_history_and_the_kernel_s_accounting(monkeypatch):
@@ -74,13 +75,13 @@ def test_a_ratio_is_the_median_of_the_rounds_ratios_not_a_ratio_of_medians(monke
                    {"pytorch/mlp": 2.0, "keras/mlp": 1.0, "dataloader-reference/mlp": 3.0}])
     monkeypatch.setattr(benchmark, "measure_round", lambda *_: {
         name: {"seconds_per_epoch": seconds} for name, seconds in next(rounds).items()})
-    monkeypatch.setattr(benchmark, "measure", lambda argv: (500.0, 1.0, 0.0))
+    monkeypatch.setattr(benchmark, "measure", lambda argv, backend: (500.0, 1.0, 0.0))
     benchmark.main(["--data-dir", digits_dir, "--repeats", "3", "--archs", "mlp",
-                    "--iw-samples", "0"])
+                    "--iw-samples", "0", "--frameworks", "pytorch", "keras"])
     out = capsys.readouterr().out
     # Keras over PyTorch by round: 3, 1, 0.5 (a ratio of the medians would say 3 / 2 = 1.5);
     # PyTorch over the reference: 4, 3, 1.5 (4 / 2 = 2 from the medians).
-    assert "sample_keras.py takes 1.00x the seconds per epoch of sample_pytorch.py (median of " \
+    assert "sample_keras.py on tensorflow takes 1.00x the seconds per epoch of sample_pytorch.py (median of " \
            "3 rounds: 0.50x to 3.00x)" in out
     assert "sample_pytorch.py is 3.00x faster per epoch than the DataLoader reference" in out
     assert "pytorch/mlp" in out and "   2.000" in out  # its median seconds per epoch

@@ -1,7 +1,8 @@
 """Data-parallel training on this machine's CPU: PyTorch under torchrun (two gloo processes),
-Keras over two TensorFlow logical CPU devices (MirroredStrategy). Each splits every batch
-between two workers, so neither reproduces one device's run bit for bit: these tests check
-that it trains as well, writes what one device writes, and resumes either way."""
+Keras over two TensorFlow logical CPU devices (MirroredStrategy) and over two JAX CPU devices
+(Keras's DataParallel). Each splits every batch between two workers, so none reproduces one
+device's run bit for bit: these tests check that it trains as well, writes what one device
+writes, and resumes either way."""
 
 import json
 import os
@@ -90,3 +91,34 @@ def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_pa
     same_training(one, two)
     assert json.loads((two / "metrics.json").read_text())["device"].endswith("data-parallel")
     assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
+
+
+# Two JAX CPU devices; after training, how many devices hold the weights and how many the batch.
+ON_TWO_JAX_DEVICES = """import sys
+import keras
+import sample_keras
+fit = keras.Model.fit
+def fit_and_report(model, x, **kwargs):
+    history = fit(model, x, **kwargs)
+    layout = keras.distribution.distribution().get_data_layout(x[0].shape)
+    print("weights on", len(model.trainable_variables[0].value.sharding.device_set),
+          "devices, batches split", layout.axes)
+    return history
+keras.Model.fit = fit_and_report
+sample_keras.main(sys.argv[1:])
+"""
+
+
+def test_keras_on_jax_trains_data_parallel_with_keras_own_distribution_and_resumes(
+        tmp_path, data_dir):
+    flags = ["--data-dir", data_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {"KERAS_BACKEND": "jax"}
+    run(["sample_keras.py", *flags, "--out-dir", one], env)
+    two_devices = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    stdout = run(["-c", ON_TWO_JAX_DEVICES, *flags, "--out-dir", two], two_devices)
+    assert "cpu:0, cpu:1, data-parallel" in stdout
+    assert stdout.count("weights on 2 devices, batches split ('batch', None)") == 2
+    same_training(one, two)
+    run(["sample_keras.py", "--resume", "--epochs", "3", "--out-dir", one], two_devices)
+    assert [r["epoch"] for r in history(one)] == [1, 2, 3]

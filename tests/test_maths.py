@@ -4,14 +4,10 @@ log-mean-exp, the reparameterized sample, and the loss that training minimises."
 
 import argparse
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 RNG = np.random.default_rng(0)
@@ -163,18 +159,6 @@ def test_the_kl_weight_warms_up_linearly_from_0_to_beta(script):
     assert [script.module.kl_weight(warmup, e) for e in range(1, 7)] == [0, 0.125, 0.25, 0.375,
                                                                           0.5, 0.5]
     assert script.module.kl_weight(none, 1) == 2.0
-
-
-@pytest.mark.subprocess
-def test_the_keras_maths_hold_on_the_torch_backend():
-    """The Keras tests here run in this process on TensorFlow; Keras's backend is chosen once per
-    process, so they run again, for Keras, under KERAS_BACKEND=torch."""
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_maths.py", "tests/test_model.py", "-k",
-                             "keras and not torch_backend"], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "KERAS_BACKEND": "torch"}, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
 
 
 def test_active_units_are_dimensions_whose_posterior_mean_varies_over_a_hundredth(script):

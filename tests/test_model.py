@@ -41,7 +41,8 @@ def copy_pytorch_weights(torch_model, keras_model, arch):
         pairs += zip([m for m in torch_part if hasattr(m, "weight")],
                      [layer for layer in keras_part.layers if layer.weights])
     for torch_layer, keras_layer in pairs:
-        weight, bias = torch_layer.weight.detach().numpy(), torch_layer.bias.detach().numpy()
+        # Copies: JAX may alias a numpy array's memory, which PyTorch's training then changes.
+        weight, bias = (p.detach().numpy().copy() for p in (torch_layer.weight, torch_layer.bias))
         if weight.ndim == 4:
             kernel = weight.transpose(2, 3, 1, 0)
         else:
@@ -146,11 +147,13 @@ def test_pytorch_and_keras_train_alike_from_the_same_weights_and_noise(num_class
     pytorch.module.train_epoch(torch_model, torch.optim.SGD(torch_model.parameters(), lr=0.05),
                                [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches],
                                kl_weight=0.5)
+    keras_model.kl_weight.assign(0.5)
+    keras_model.compile(optimizer=keras.keras.optimizers.SGD(0.0), run_eagerly=True)
+    keras_model.train_on_batch(list(batches[0]))  # a step of 0 builds all (JAX draws eps in it)
+    keras_model.optimizer.learning_rate.assign(0.05)
     draws = iter(noise)
     monkeypatch.setattr(keras.keras.random, "normal",
                         lambda *args, **kwargs: keras.tensor(next(draws)))
-    keras_model.kl_weight.assign(0.5)
-    keras_model.compile(optimizer=keras.keras.optimizers.SGD(0.05), run_eagerly=True)
     for x, y in batches:
         keras_model.train_on_batch([x, y])
     theirs = [p.detach().numpy() - b for p, b in zip(torch_model.parameters(), before)]
