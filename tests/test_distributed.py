@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, history
+from conftest import ROOT, history, one_error_line, run_script, write_dataset
 
 pytestmark = pytest.mark.subprocess
 
@@ -109,9 +109,11 @@ sample_keras.main(sys.argv[1:])
 """
 
 
-def test_keras_on_jax_trains_data_parallel_with_keras_own_distribution_and_resumes(
-        tmp_path, data_dir):
-    flags = ["--data-dir", data_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
+def test_keras_on_jax_trains_data_parallel_with_keras_own_distribution_and_resumes(tmp_path):
+    """201 training images: the epoch's last batch, 73, is cut to 72 for two devices; a test
+    set of 61 cannot split, and is refused in one line."""
+    data = write_dataset(tmp_path / "data", n_train=201, n_test=60)
+    flags = ["--data-dir", data, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     env = {"KERAS_BACKEND": "jax"}
     run(["sample_keras.py", *flags, "--out-dir", one], env)
@@ -122,3 +124,8 @@ def test_keras_on_jax_trains_data_parallel_with_keras_own_distribution_and_resum
     same_training(one, two)
     run(["sample_keras.py", "--resume", "--epochs", "3", "--out-dir", one], two_devices)
     assert [r["epoch"] for r in history(one)] == [1, 2, 3]
+    odd = write_dataset(tmp_path / "odd", n_train=201, n_test=61)
+    result = run_script(ROOT / "sample_keras.py", *flags, "--data-dir", odd, "--out-dir",
+                        tmp_path / "odd-run", env=two_devices)
+    assert result.returncode == 1
+    assert "the 61 test images do not split evenly over 2" in one_error_line(result.stderr)
