@@ -1,22 +1,10 @@
 """A variational autoencoder (VAE) on MNIST in Keras 3; sample_pytorch.py is its mirror image.
 
-The model (Kingma and Welling, 2014):
-    encoder    q(z|x) = N(z; z_mean(x), diag(exp(z_log_var(x))))
-    prior      p(z)   = N(0, I)
-    decoder    p(x|z) = prod over the 784 pixels of Bernoulli(x_i; sigmoid(logits_i(z)))
-Training minimises -ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || p(z)), in nats per image:
-    reconstruction_loss = -log p(x|z)  summed over the 784 pixels, from logits (no log(0)),
-    kl_loss             = 1/2 * sum_j (z_mean_j^2 + exp(z_log_var_j) - 1 - z_log_var_j),
-with one sample z = z_mean + exp(z_log_var / 2) * eps, eps ~ N(0, I): the reparameterization
-trick makes the sample differentiable in z_mean and z_log_var (the SGVB estimator).
-After training, the importance-weighted bound (Burda et al., 2015) estimates log p(x):
-    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
-which tightens towards log p(x) as K grows and equals the ELBO in expectation at K = 1.
---iwae k trains on that bound with k samples (the IWAE). --conditional gives the encoder and
-the decoder the one-hot label y, q(z|x, y) and p(x|z, y), so the bound is on -log p(x|y); over
-the ten labels, p(x) = (1/10) sum_y p(x|y). A trained model's decode(z, y) draws new digits.
-The code is backend-agnostic Keras 3 (keras.ops, keras.random), on TensorFlow by default or
-under KERAS_BACKEND=torch; the loss lives in Model.compute_loss, so the stock fit() trains it.
+q(z|x) = N(z_mean(x), diag(exp(z_log_var(x)))) encodes, p(x|z) decodes (a Bernoulli per pixel,
+from logits), p(z) = N(0, I). Training minimises -ELBO = reconstruction_loss + kl_loss, in nats
+per image, at z = z_mean + exp(z_log_var / 2) * eps; then the importance-weighted bound on
+-log p(x) is reported. --iwae k trains on that bound, --conditional on labels (see the README).
+Backend-agnostic Keras 3: KERAS_BACKEND=tensorflow (the default), jax or torch.
 
 Run:
     python3 sample_keras.py                            # MNIST from data/mnist.npz, 20 epochs
@@ -33,7 +21,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -48,8 +35,7 @@ NOTICES = re.compile(r"absl::InitializeLog|\] oneDNN custom operations|\] Could 
 
 @contextlib.contextmanager
 def tensorflow_notices_dropped():
-    """TensorFlow's C++ logs three notices as it loads that TF_CPP_MIN_LOG_LEVEL does not reach:
-    stderr is caught meanwhile and written back without them, so anything else still shows."""
+    """TensorFlow's three load-time notices, which no log level reaches, dropped."""
     with tempfile.TemporaryFile("w+") as caught:
         stderr = os.dup(2)
         os.dup2(caught.fileno(), 2)
@@ -79,8 +65,7 @@ HIDDEN = 256  # width of the fully connected layer next to z, in both architectu
 
 
 def init(fan_in):
-    """Weights and biases uniform in +-1/sqrt(fan_in), PyTorch's default, each from its own
-    initializer: one instance, seeded once, would draw each bias equal to its kernel's first row."""
+    """PyTorch's initialization, uniform in +-1/sqrt(fan_in), a new initializer for each."""
     uniform = lambda: keras.initializers.RandomUniform(-fan_in ** -0.5, fan_in ** -0.5)
     return {"kernel_initializer": uniform(), "bias_initializer": uniform()}
 
@@ -120,17 +105,22 @@ def reparameterize(z_mean, z_log_var, eps):
 
 
 def pixels(x):
-    """Images as floats in [0, 1]: uint8 ones, as fit() is fed them (a quarter of float32's
-    memory), looked up in a table of v / 255 (numpy's quotients: compiled, a division by 255
-    may become a product by 1/255, which rounds differently)."""
+    """uint8 images as floats in [0, 1], as numpy divides (compiled, v / 255 may round apart)."""
     table = np.arange(256, dtype=np.float32) / np.float32(255)
     return ops.take(table, ops.cast(x, "int32"), axis=0) if ops.dtype(x) == "uint8" else x
 
 
+def check_labels(y, num_classes):
+    """A conditional model's y: given, and if numpy or a list, integers 0 to num_classes - 1."""
+    plain = isinstance(y, (np.ndarray, list, tuple, int))
+    if y is None or plain and not np.isin(y, range(num_classes)).all():
+        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1}"
+                         ", one per image")
+
+
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
-    """q(z|x) and p(x|z); with num_classes, q(z|x, y) and p(x|z, y), the one-hot label joined to
-    the features and to z. samples: draws of z per image in training (IWAE's k), else one."""
+    """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training."""
 
     def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1, training_state=None,
                  **kwargs):
@@ -152,6 +142,7 @@ class VAE(keras.Model):
         """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
         if not self.num_classes:
             return h
+        check_labels(y, self.num_classes)
         one_hot = ops.one_hot(ops.cast(y, "int32"), self.num_classes, dtype=h.dtype)
         shape = (*ops.shape(h)[:-1], self.num_classes)
         return ops.concatenate([h, ops.broadcast_to(one_hot, shape)], -1)
@@ -181,8 +172,7 @@ class VAE(keras.Model):
         return logits, z_mean, z_log_var, eps
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """What the stock train_step and test_step minimise and report: the objective averaged
-        over the images of the batch (not over pixels); in evaluation -ELBO, unweighted."""
+        """The objective's batch mean (over images, not pixels); -ELBO in evaluation."""
         loss, reconstruction_loss, kl_loss = objective(pixels(x[0]), y_pred,
                                                        self.kl_weight if training else 1.0)
         self.reconstruction_loss_tracker.update_state(reconstruction_loss)
@@ -190,8 +180,7 @@ class VAE(keras.Model):
         return ops.mean(loss)
 
     def get_compile_config(self):
-        """Adam saved by its public name: on the torch backend Keras makes it a torch subclass,
-        whose module another backend would import (and torch loaded after TensorFlow crashes)."""
+        """Adam saved by its public name, which loads on every backend without torch."""
         config = super().get_compile_config()
         config["optimizer"]["module"] = "keras.optimizers"
         return config
@@ -205,8 +194,7 @@ class VAE(keras.Model):
 # Loss: the two terms of -ELBO, and the importance-weighted bound ------------------------------
 
 def negative_elbo(x, logits, z_mean, z_log_var):
-    """Per-image (reconstruction_loss, kl_loss) in nats; their sum is -ELBO. x (N, 784) also
-    scores K samples of logits (K, N, 784) at once."""
+    """Per-image (reconstruction_loss, kl_loss) in nats, of logits (N or K, N, 784)."""
     reconstruction_loss = ops.sum(ops.binary_crossentropy(
         ops.broadcast_to(x, ops.shape(logits)), logits, from_logits=True), axis=-1)
     # expm1 keeps exp(v) - 1 - v accurate in float32 when v is near 0.
@@ -215,9 +203,7 @@ def negative_elbo(x, logits, z_mean, z_log_var):
 
 
 def negative_iw_bound(x, outputs, kl_weight=1.0):
-    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats from outputs =
-    (logits (K, N, 784), z_mean, z_log_var, eps (K, N, latent_dim)); at kl_weight 1 a bound on
-    -log p(x). The log-weights meet in one logsumexp, which cannot overflow."""
+    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight, one logsumexp."""
     logits, z_mean, z_log_var, eps = outputs
     reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
     z = reparameterize(z_mean, z_log_var, eps)
@@ -227,8 +213,7 @@ def negative_iw_bound(x, outputs, kl_weight=1.0):
 
 
 def objective(x, outputs, kl_weight):
-    """Per-image (objective, reconstruction_loss, kl_loss) from the model's outputs: with one
-    sample, -ELBO with its KL term weighted; with K, the IWAE bound on them (Burda et al.)."""
+    """Per-image (objective, reconstruction_loss, kl_loss): -ELBO at one sample, else IWAE."""
     logits, z_mean, z_log_var, eps = outputs
     reconstruction_loss, kl_loss = negative_elbo(x, logits, z_mean, z_log_var)
     reconstruction_loss = ops.mean(reconstruction_loss, axis=0)  # over the samples
@@ -254,9 +239,7 @@ def label_marginal_nll(model, x, eps):
 # Training and evaluation ----------------------------------------------------------------------
 
 def epoch_inputs(train, args, epoch, replicas=1):
-    """fit()'s [images, labels] from train = (x_train, y_train), in epoch_order() cut to a
-    multiple of the replicas; the images uint8, made binary afresh under --binarize dynamic
-    from the seed and the epoch alone."""
+    """fit()'s [images, labels] in epoch_order(), a multiple of the replicas, made binary."""
     order = epoch_order(args, epoch, len(train[0]))
     order = order[:len(order) // replicas * replicas]
     x = train[0][order]
@@ -266,8 +249,7 @@ def epoch_inputs(train, args, epoch, replicas=1):
 
 
 def train(model, optimizer, data, args, history):
-    """Epochs len(history) + 1 to --epochs on data (x_train, y_train, x_test, y_test), each
-    trained, evaluated, printed and checkpointed; several devices share every batch."""
+    """Train epochs len(history) + 1 to --epochs on data, each evaluated and checkpointed."""
     test = list(data[2:])
     # Keras's DataParallel (JAX) shards a batch only if it splits evenly over the devices.
     mesh = keras.distribution.distribution()
@@ -283,11 +265,9 @@ def train(model, optimizer, data, args, history):
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
         logs = model.fit(epoch_inputs(data[:2], args, epoch, replicas),
                          batch_size=args.batch_size, shuffle=False, verbose=0).history
-        logs = {key: value[0] for key, value in logs.items()}
         scores = model.evaluate(test, batch_size=EVAL_BATCH_SIZE // replicas * replicas,
                                 verbose=0, return_dict=True)
-        losses = ([logs["reconstruction_loss"], logs["kl_loss"], logs["loss"]],
-                  [scores["reconstruction_loss"], scores["kl_loss"]])
+        losses = {"train": {key: value[0] for key, value in logs.items()}, "test": scores}
         record = epoch_record(args, history, losses, posterior_means(model, data[2:]),
                               time.perf_counter() - start)
         save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, args, history + [record])
@@ -295,16 +275,14 @@ def train(model, optimizer, data, args, history):
 
 
 def posterior_means(model, test):
-    """Every test image's z_mean (numpy), for test = (x_test, y_test), in batches (one batch of
-    10,000 costs about 100 MB more at its peak)."""
+    """Every test image's z_mean (numpy), encoded in batches."""
     batches = (np.array_split(a, range(EVAL_BATCH_SIZE, len(a), EVAL_BATCH_SIZE)) for a in test)
     return np.concatenate([ops.convert_to_numpy(model.encode(pixels(x), y)[0])
                            for x, y in zip(*batches)])
 
 
 def iw_bound(model, test, num_samples, seed):
-    """The test set's mean importance-weighted bound on -log p(x), from noise of its own seed;
-    for a conditional model, on -log p(x|y) and on -log p(x). test = (x_test, y_test)."""
+    """The test set's mean bound on -log p(x) (and on -log p(x|y)), from its own seed."""
     generator = keras.random.SeedGenerator(seed)
     images, totals = max(1, IW_ROWS // num_samples), []
     batches = (np.array_split(a, range(images, len(a), images)) for a in test)
@@ -335,19 +313,21 @@ def active_units(z_mean):
 
 def epoch_record(args, history, losses, z_mean, seconds):
     """The next epoch's history entry, printed; a NaN or infinite loss stops the run unsaved."""
-    epoch, (train, test) = len(history) + 1, losses
-    if not math.isfinite(sum(train)):
+    epoch, train, test = len(history) + 1, losses["train"], losses["test"]
+    if not math.isfinite(sum(train.values())):
         raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
                         f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
-    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), (train[:2], test)):
-        record.update({f"{split}_loss": reconstruction_loss + kl_loss,  # the true -ELBO
-                       f"{split}_reconstruction_loss": reconstruction_loss,
-                       f"{split}_kl_loss": kl_loss})
-    record.update(train_objective=train[2], active_units=active_units(z_mean), seconds=seconds)
-    iwae = f" (IWAE bound, k={args.iwae}: {train[2]:.2f})" if args.iwae > 1 else ""
+    for split in ("train", "test"):
+        terms = {key: losses[split][key] for key in ("reconstruction_loss", "kl_loss")}
+        record.update({f"{split}_loss": sum(terms.values()),  # the true -ELBO
+                       **{f"{split}_{key}": value for key, value in terms.items()}})
+    record.update(train_objective=train["loss"], active_units=active_units(z_mean),
+                  seconds=seconds)
+    iwae = f" (IWAE bound, k={args.iwae}: {train['loss']:.2f})" if args.iwae > 1 else ""
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
-          f"{test[0] + test[1]:.2f} (rec {test[0]:.2f} + kl {test[1]:.2f})  "
+          f"{record['test_loss']:.2f} (rec {test['reconstruction_loss']:.2f} + kl "
+          f"{test['kl_loss']:.2f})  "
           f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
     if record["active_units"] == 0 and not args.steps_per_epoch:  # a few steps mean nothing
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
@@ -373,9 +353,7 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def load_data(args):
-    """(x_train, y_train, x_test, y_test), numpy: images as uint8 rows of 784, labels -1 if none;
-    from --data-dir or data/, else downloaded; binarized once under --binarize static, the test
-    set under dynamic."""
+    """(x_train, y_train, x_test, y_test): uint8 rows of 784, labels -1 if there are none."""
     folder = args.data_dir or DATA_DIR
     if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
         path, arrays = read_data(folder, args.dataset)
@@ -399,9 +377,7 @@ def load_data(args):
 
 
 def read_data(path, dataset):
-    """(what was read, x_train, y_train, x_test, y_test; None if missing) from the .npz file
-    `path` or DATASET.npz in the folder `path`, else from MNIST's four IDX files there, gzipped
-    or not, as published: a magic number, sizes, bytes."""
+    """(what was read, [x_train, y_train, x_test, y_test]) from an .npz or the IDX files."""
     folder, npz = path, path if path.endswith(".npz") else os.path.join(path, f"{dataset}.npz")
     try:
         if npz == path or os.path.isfile(npz):
@@ -432,8 +408,7 @@ def binarize(images, seed):
 
 
 def stream_seed(args, stream, epoch=0, rank=0):
-    """The seed of one of STREAMS, from --seed, the epoch and the process alone, so that a resumed
-    run draws what an unstopped one would; numpy's SeedSequence keeps the streams independent."""
+    """A seed of one of STREAMS from --seed, the epoch and the rank alone (for resume)."""
     entropy = [args.seed, STREAMS.index(stream), epoch, rank]
     return int(np.random.default_rng(entropy).integers(2**31))
 
@@ -445,35 +420,22 @@ def epoch_order(args, epoch, num_images):
 
 
 def download(dataset):
-    """The four arrays from keras.datasets, which downloads them once into ~/.keras/datasets."""
-    folder = os.path.join(os.path.expanduser("~/.keras/datasets"), dataset.replace("_", "-"))
-    with download_failure(dataset, folder):
-        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, dataset).load_data()
-    return [x_train, y_train, x_test, y_test]
-
-
-@contextlib.contextmanager
-def download_failure(dataset, folder):
-    """A failed download into `folder` removes the folders it made and says what to fetch."""
-    made = None
-    while not os.path.isdir(folder):
-        made, folder = folder, os.path.dirname(folder)
+    """The four arrays from keras.datasets, downloaded once into ~/.keras/datasets (a file whose
+    hash is wrong, as a broken download's, is fetched again)."""
     try:
-        yield
+        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, dataset).load_data()
     except Exception as error:  # no network, a proxy, a server down: all end the same way
-        if made:
-            shutil.rmtree(made, ignore_errors=True)
-        cause = " ".join(str(error).split())  # on one line
-        raise UserError(f"could not download {dataset} ({type(error).__name__}: {cause}); "
-                        f"without a network, fetch {', '.join(f'{n}.gz' for n in IDX_FILES)} "
-                        f"from {SOURCES[dataset]} into a folder DIR and pass --data-dir DIR")
+        raise UserError(f"could not download {dataset} ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())}); without a network, fetch "
+                        f"{', '.join(f'{n}.gz' for n in IDX_FILES)} from {SOURCES[dataset]} into "
+                        "a folder DIR and pass --data-dir DIR")
+    return [x_train, y_train, x_test, y_test]
 
 
 # Figures (the same text in both scripts) ------------------------------------------------------
 
 def save_figures(args, history, test, z_mean, decode):
-    """The six pictures, from test = (x_test uint8, y_test), its z_mean and the model's
-    decode(z, y) -> pixel means (numpy in and out); each decodes its whole batch in one call."""
+    """The six pictures, from the test set, its z_mean and decode(z, y) (numpy in, out)."""
     (x, labels), names = test, CLASS_NAMES[args.dataset]
     x, path = x / np.float32(255), lambda name: os.path.join(args.out_dir, name)
     pixels = decode(z_mean[:20], labels[:20])
@@ -487,32 +449,25 @@ def save_figures(args, history, test, z_mean, decode):
         z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
         title += ": a row per label y, the same z down each column"
     mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
-    # Rows from the first test digit of class k to the first of class k + 1 (conditional: the
-    # next of class k, label k; no labels: image k to image k + 8), through the decoder along
-    # the straight line between their z_mean.
+    # From the first digit k to the first k + 1 (conditional: the next k; no labels: #k to #k+8).
     starts, ends, labelled = np.arange(8), np.arange(8, 16), labels.min() >= 0
     if labelled:
         starts = np.array([np.argmax(labels == k) for k in range(8)])
         ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
                          np.argmax(labels == k + 1) for k in range(8)])
-    steps = np.linspace(0.0, 1.0, 10, dtype=np.float32)[None, :, None]
-    line = ((1 - steps) * z_mean[starts, None] + steps * z_mean[ends, None]).reshape(80, -1)
-    pixels = decode(line, np.repeat(labels[starts], 10)).reshape(8, 10, 784)
+    line = np.linspace(z_mean[starts], z_mean[ends], 10, axis=1, dtype=np.float32)  # (8, 10, d)
+    pixels = decode(line.reshape(80, -1), np.repeat(labels[starts], 10)).reshape(8, 10, 784)
     rows = np.concatenate([x[starts, None], pixels, x[ends, None]], 1)
-    ax = mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line "
-                "between their z_mean | real digit",
-                [f"{names[labels[a]]} to {names[labels[b]]}" if labelled else f"#{a} to #{b}"
-                 for a, b in zip(starts, ends)])
-    for column in (1, 11):
-        ax.axvline(column * 28 - 0.5, color="tab:orange", linewidth=2)
-    ax.figure.savefig(path("interpolation.png"))
+    mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line between "
+           "their z_mean | real digit", [f"{names[labels[a]]} to {names[labels[b]]}" if labelled
+                                         else f"#{a} to #{b}" for a, b in zip(starts, ends)]
+           ).figure.savefig(path("interpolation.png"))
     save_latent_plots(args, z_mean, labels, decode)
     save_training_curves(path("training_curves.png"), history)
 
 
 def save_latent_plots(args, z_mean, labels, decode):
-    """latent_space.png, the test set's z_mean by class (in random order: no class hides another),
-    latent_manifold.png, the decoder on [-2, 2]^2; along z's axes or its principal directions."""
+    """latent_space.png and latent_manifold.png, along z's two main directions."""
     directions, axes = np.eye(2, dtype=np.float32), ("z[0]", "z[1]")
     if args.latent_dim > 2:
         directions = np.linalg.svd(z_mean - z_mean.mean(0), full_matrices=False)[2][:2].T
@@ -554,20 +509,15 @@ def mosaic(images, cols, title, row_labels=(), extent=None):
 
 
 def save_training_curves(path, history):
-    """Train and test loss, reconstruction and KL per epoch; a long run's axes frame its last
-    nine tenths, which its first epochs (a KL warm-up's above all) would flatten."""
+    """Train and test loss, reconstruction and KL per epoch."""
     fig = Figure(figsize=(13, 3.8), layout="tight")
     titles = {"loss": "loss = -ELBO", "reconstruction_loss": "reconstruction",
               "kl_loss": "KL(q(z|x) || p(z))"}
-    long = len(history) > 50
     for ax, (key, title) in zip(fig.subplots(1, 3), titles.items()):
         curves = np.array([[r[f"{split}_{key}"] for r in history] for split in ("train", "test")])
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
             ax.plot(range(1, len(history) + 1), values, style, label=label,
-                    marker="" if long else ".")  # a run of one epoch: one dot
-        if long:
-            late = curves[:, len(history) // 10:]
-            ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
+                    marker="" if len(history) > 50 else ".")  # one epoch: one dot
         ax.set(title=title, xlabel="epoch", ylabel="nats per image",
                xlim=(0.5, len(history) + 0.5))
         ax.xaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
@@ -578,6 +528,17 @@ def save_training_curves(path, history):
 
 
 # Checkpoint, resume and devices ---------------------------------------------------------------
+
+def new_model(args):
+    """A fresh VAE and its Adam, built now (in fit(), TensorFlow would trace twice)."""
+    with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
+        keras.utils.set_random_seed(stream_seed(args, "weights"))  # the initial weights
+    model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0, args.iwae)
+    optimizer = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
+    model([keras.Input((784,)), keras.Input((), dtype="int32")])
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
 
 def save_checkpoint(path, model, args, history):
     """Weights, Adam, flags and history, renamed into place: a kill never leaves half a file."""
@@ -597,8 +558,7 @@ def load_checkpoint(path):
 
 
 def devices(name):
-    """--device -> the devices to train on: every GPU the backend sees, else the CPU's (one
-    device under torch, where Keras has no data parallelism)."""
+    """--device -> the GPUs the backend sees, else its CPUs (one device under torch)."""
     if keras.backend.backend() == "torch":
         import torch
         gpus = [torch.accelerator.current_accelerator().type] if (
@@ -614,9 +574,7 @@ def devices(name):
 
 
 def distribution(names, batch_size):
-    """The scope to build, load and train the model in: one device, or several, data-parallel,
-    each step's batch split evenly between them: Keras's DataParallel on JAX, TensorFlow's
-    MirroredStrategy on TensorFlow."""
+    """The scope to train in: one device, or several: DataParallel or MirroredStrategy."""
     if len(names) == 1:
         return keras.device(names[0])
     if batch_size % len(names):
@@ -631,8 +589,7 @@ def distribution(names, batch_size):
 # The rest of this section is the same text in both scripts.
 
 def resume_flags(args, given, saved):
-    """--resume continues the checkpoint's run (`saved`) with its flags (five of them may change);
-    a fresh run must not write over another."""
+    """--resume takes the checkpoint's flags (five may change); a fresh run never overwrites."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
     if not args.resume:
         if saved:  # finished or not, a run is never written over
@@ -654,8 +611,7 @@ def resume_flags(args, given, saved):
 
 
 def write_metrics(args, run, history, iw_nll):
-    """metrics.json, renamed into place once whole: the run, the flags, history and results;
-    iw_nll: the bound on -log p(x), or on -log p(x|y) and -log p(x) for a conditional model."""
+    """metrics.json, renamed into place once whole; iw_nll: the bounds, as iw_bound gives."""
     test = {key[5:]: value for key, value in history[-1].items() if key.startswith("test_")}
     bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
     objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
@@ -680,8 +636,7 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def one_line_errors(args, history):
-    """Every failure the user can act on ends as one line on stderr and a non-zero status. A
-    Ctrl-C or a SIGTERM, wherever it lands, says what the checkpoint keeps (status 130)."""
+    """A failure the user can act on, a Ctrl-C or a SIGTERM ends as one line on stderr."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill stops as Ctrl-C does
     try:
         yield
@@ -706,8 +661,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog=f"sample_{FRAMEWORK}.py", usage="%(prog)s [options]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a variational autoencoder on MNIST; save its figures, metrics.json "
-        "and a checkpoint.")
+        description="Train a VAE on MNIST; save its figures, metrics.json and a checkpoint.")
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     add = parser.add_argument
     add("--epochs", type=int, default=20, help="passes over the data, a resumed run's included")
@@ -720,26 +674,16 @@ def build_parser():
     add("--kl-warmup-epochs", type=int, default=0, help="epochs to raise the KL weight to --beta")
     add("--binarize", choices=("none", "dynamic", "static"), default="none",
         help="keep grey levels, or draw binary pixels each time an image is used, or once")
-    add("--iw-samples", type=int, default=100, help="samples per test image in the bound on "
-        "log p(x); 5000 in the papers")
+    add("--iw-samples", type=int, default=100, help="K of the bound on log p(x) (papers: 5000)")
     add("--seed", type=int, default=0, help="seeds the weights, the batch order and the noise")
-    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if the "
-        "framework sees one")
-    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="mnist ships in data/; "
-        "fashion_mnist is downloaded")
-    add("--data-dir", help="read DATASET.npz (Keras's layout), or MNIST's four IDX files, "
-        "from this folder instead")
-    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
-        "metrics.json and the checkpoint go")
+    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if any")
+    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="fashion_mnist: downloaded")
+    add("--data-dir", help="a folder of DATASET.npz or MNIST's IDX files, or an .npz file")
+    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the results go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
-    add("--conditional", action="store_true", help="a conditional VAE, q(z|x, y) and "
-        "p(x|z, y), that draws the digit you name; its bound is on -log p(x|y), and on -log p(x) "
-        "at ten times the cost")
-    add("--iwae", type=int, default=1, help="train on the IWAE bound with this many samples of "
-        "z per image (Burda et al., 2015); 1: the ELBO")
-    add("--resume", action="store_true", help="continue the run whose checkpoint is in "
-        "--out-dir, with its flags; --epochs, --iw-samples, --device, --lr and --data-dir may "
-        "change")
+    add("--conditional", action="store_true", help="q(z|x, y), p(x|z, y): draws the digit y named")
+    add("--iwae", type=int, default=1, help="train on the k-sample IWAE bound; 1: the ELBO")
+    add("--resume", action="store_true", help="continue the run in --out-dir, with its flags")
     return parser
 
 
@@ -783,14 +727,7 @@ def main(argv=None):
                 print(f"resuming after epoch {len(history)} of {path}")
                 optimizer = model.optimizer  # with Adam's state
             else:
-                with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
-                    keras.utils.set_random_seed(stream_seed(args, "weights"))  # initial weights
-                model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
-                            args.iwae)
-                optimizer = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
-                # The weights and Adam's state made now: made in fit(), TensorFlow traces twice.
-                model([keras.Input((784,)), keras.Input((), dtype="int32")])
-                optimizer.build(model.trainable_variables)
+                model, optimizer = new_model(args)
             # Many steps per compiled call; one on the torch backend and under tf.distribute.
             many = keras.backend.backend() != "torch" and len(names) == 1
             model.compile(optimizer, steps_per_execution=64 if many else 1)

@@ -1,20 +1,9 @@
 """A variational autoencoder (VAE) on MNIST in PyTorch; sample_keras.py is its mirror image.
 
-The model (Kingma and Welling, 2014):
-    encoder    q(z|x) = N(z; z_mean(x), diag(exp(z_log_var(x))))
-    prior      p(z)   = N(0, I)
-    decoder    p(x|z) = prod over the 784 pixels of Bernoulli(x_i; sigmoid(logits_i(z)))
-Training minimises -ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || p(z)), in nats per image:
-    reconstruction_loss = -log p(x|z)  summed over the 784 pixels, from logits (no log(0)),
-    kl_loss             = 1/2 * sum_j (z_mean_j^2 + exp(z_log_var_j) - 1 - z_log_var_j),
-with one sample z = z_mean + exp(z_log_var / 2) * eps, eps ~ N(0, I): the reparameterization
-trick makes the sample differentiable in z_mean and z_log_var (the SGVB estimator).
-After training, the importance-weighted bound (Burda et al., 2015) estimates log p(x):
-    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
-which tightens towards log p(x) as K grows and equals the ELBO in expectation at K = 1.
---iwae k trains on that bound with k samples (the IWAE). --conditional gives the encoder and
-the decoder the one-hot label y, q(z|x, y) and p(x|z, y), so the bound is on -log p(x|y); over
-the ten labels, p(x) = (1/10) sum_y p(x|y). A trained model's decode(z, y) draws new digits.
+q(z|x) = N(z_mean(x), diag(exp(z_log_var(x)))) encodes, p(x|z) decodes (a Bernoulli per pixel,
+from logits), p(z) = N(0, I). Training minimises -ELBO = reconstruction_loss + kl_loss, in nats
+per image, at z = z_mean + exp(z_log_var / 2) * eps; then the importance-weighted bound on
+-log p(x) is reported. --iwae k trains on that bound, --conditional on labels (see the README).
 
 Run:
     python3 sample_pytorch.py                          # MNIST from data/mnist.npz, 20 epochs
@@ -31,7 +20,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -87,9 +75,16 @@ def reparameterize(z_mean, z_log_var, eps):
     return z_mean + torch.exp(0.5 * z_log_var) * eps
 
 
+def check_labels(y, num_classes):
+    """A conditional model's y: given, and if numpy or a list, integers 0 to num_classes - 1."""
+    plain = isinstance(y, (np.ndarray, list, tuple, int))
+    if y is None or plain and not np.isin(y, range(num_classes)).all():
+        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1}"
+                         ", one per image")
+
+
 class VAE(nn.Module):
-    """q(z|x) and p(x|z); with num_classes, q(z|x, y) and p(x|z, y), the one-hot label joined to
-    the features and to z. samples: draws of z per image in training (IWAE's k), else one."""
+    """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training."""
 
     def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1):
         super().__init__()
@@ -103,6 +98,7 @@ class VAE(nn.Module):
         """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
         if not self.num_classes:
             return h
+        check_labels(y, self.num_classes)
         one_hot = F.one_hot(torch.as_tensor(y, device=h.device).long(), self.num_classes)
         return torch.cat([h, one_hot.to(h.dtype).expand(*h.shape[:-1], -1)], -1)
 
@@ -132,8 +128,7 @@ class VAE(nn.Module):
 # Loss: the two terms of -ELBO, and the importance-weighted bound ------------------------------
 
 def negative_elbo(x, logits, z_mean, z_log_var):
-    """Per-image (reconstruction_loss, kl_loss) in nats; their sum is -ELBO. x (N, 784) also
-    scores K samples of logits (K, N, 784) at once."""
+    """Per-image (reconstruction_loss, kl_loss) in nats, of logits (N or K, N, 784)."""
     reconstruction_loss = F.binary_cross_entropy_with_logits(
         logits, x.expand_as(logits), reduction="none").sum(-1)
     # expm1 keeps exp(v) - 1 - v accurate in float32 when v is near 0.
@@ -142,9 +137,7 @@ def negative_elbo(x, logits, z_mean, z_log_var):
 
 
 def negative_iw_bound(x, outputs, kl_weight=1.0):
-    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight in nats from outputs =
-    (logits (K, N, 784), z_mean, z_log_var, eps (K, N, latent_dim)); at kl_weight 1 a bound on
-    -log p(x). The log-weights meet in one logsumexp, which cannot overflow."""
+    """Per-image -log (1/K) sum_k p(x|z_k) (p(z_k) / q(z_k|x))^kl_weight, one logsumexp."""
     logits, z_mean, z_log_var, eps = outputs
     reconstruction_loss, _ = negative_elbo(x, logits, z_mean, z_log_var)
     z = reparameterize(z_mean, z_log_var, eps)
@@ -154,8 +147,7 @@ def negative_iw_bound(x, outputs, kl_weight=1.0):
 
 
 def objective(x, outputs, kl_weight):
-    """Per-image (objective, reconstruction_loss, kl_loss) from the model's outputs: with one
-    sample, -ELBO with its KL term weighted; with K, the IWAE bound on them (Burda et al.)."""
+    """Per-image (objective, reconstruction_loss, kl_loss): -ELBO at one sample, else IWAE."""
     logits, z_mean, z_log_var, eps = outputs
     reconstruction_loss, kl_loss = negative_elbo(x, logits, z_mean, z_log_var)
     reconstruction_loss = reconstruction_loss.mean(0)  # over the samples
@@ -182,8 +174,7 @@ def label_marginal_nll(model, x, eps):
 # Training and evaluation ----------------------------------------------------------------------
 
 def train_epoch(model, optimizer, batches, kl_weight, binarizer=None):
-    """One pass of Adam over (images, labels) batches, each pixel drawn binary by the
-    torch.Generator `binarizer` if one is given: sums of the terms."""
+    """One pass of Adam over (x, y) batches (pixels drawn binary by `binarizer`): sums."""
     model.train()
     sums = torch.zeros(4, device=next(model.parameters()).device)
     for x, y in batches:
@@ -198,8 +189,7 @@ def train_epoch(model, optimizer, batches, kl_weight, binarizer=None):
 
 
 def train(model, optimizer, data, args, history):
-    """Epochs len(history) + 1 to --epochs on data (x_train, y_train, x_test, y_test), each
-    trained, evaluated, printed and checkpointed; under torchrun processes share every batch."""
+    """Train epochs len(history) + 1 to --epochs on data, each evaluated and checkpointed."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     device = next(model.parameters()).device
@@ -211,17 +201,17 @@ def train(model, optimizer, data, args, history):
             group["lr"] = args.lr * args.lr_decay ** (epoch - 1)
         order = epoch_order(args, epoch, len(x_train))
         order = torch.from_numpy(order[:len(order) // world_size * world_size]).to(device)
-        batches = ((x_train[rows].float() / 255, y_train[rows])
-                   for rows in (rows[rank::world_size] for rows in order.split(args.batch_size)))
+        shares = [batch[rank::world_size] for batch in order.split(args.batch_size)]  # this rank's
+        batches = ((x_train[rows].float() / 255, y_train[rows]) for rows in shares)
         binarizer = torch.Generator(device).manual_seed(stream_seed(args, "pixels", epoch, rank))
         sums = train_epoch(net, optimizer, batches, kl_weight(args, epoch),
                            binarizer if args.binarize == "dynamic" else None)
         if world_size > 1:
             dist.all_reduce(sums)
         test, z_mean = evaluate(model, data[2:])
-        train_losses = (sums[:3] / sums[3]).tolist()
-        record = epoch_record(args, history, (train_losses, test), z_mean,
-                              time.perf_counter() - start)
+        terms = ("reconstruction_loss", "kl_loss", "loss")
+        losses = {"train": dict(zip(terms, (sums[:3] / sums[3]).tolist())), "test": test}
+        record = epoch_record(args, history, losses, z_mean, time.perf_counter() - start)
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, optimizer, args,
                             history + [record])
@@ -239,12 +229,12 @@ def evaluate(model, test):
         logits, z_mean, z_log_var, _ = model(x, y)
         sums += torch.stack([term.sum() for term in negative_elbo(x, logits, z_mean, z_log_var)])
         z_means.append(z_mean)
-    return (sums / len(x_test)).tolist(), torch.cat(z_means).cpu().numpy()
+    terms = dict(zip(("reconstruction_loss", "kl_loss"), (sums / len(x_test)).tolist()))
+    return terms, torch.cat(z_means).cpu().numpy()
 
 
 def iw_bound(model, test, num_samples, seed):
-    """The test set's mean importance-weighted bound on -log p(x), from noise of its own seed;
-    for a conditional model, on -log p(x|y) and on -log p(x). test = (x_test, y_test)."""
+    """The test set's mean bound on -log p(x) (and on -log p(x|y)), from its own seed."""
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
@@ -278,19 +268,21 @@ def active_units(z_mean):
 
 def epoch_record(args, history, losses, z_mean, seconds):
     """The next epoch's history entry, printed; a NaN or infinite loss stops the run unsaved."""
-    epoch, (train, test) = len(history) + 1, losses
-    if not math.isfinite(sum(train)):
+    epoch, train, test = len(history) + 1, losses["train"], losses["test"]
+    if not math.isfinite(sum(train.values())):
         raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
                         f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
-    for split, (reconstruction_loss, kl_loss) in zip(("train", "test"), (train[:2], test)):
-        record.update({f"{split}_loss": reconstruction_loss + kl_loss,  # the true -ELBO
-                       f"{split}_reconstruction_loss": reconstruction_loss,
-                       f"{split}_kl_loss": kl_loss})
-    record.update(train_objective=train[2], active_units=active_units(z_mean), seconds=seconds)
-    iwae = f" (IWAE bound, k={args.iwae}: {train[2]:.2f})" if args.iwae > 1 else ""
+    for split in ("train", "test"):
+        terms = {key: losses[split][key] for key in ("reconstruction_loss", "kl_loss")}
+        record.update({f"{split}_loss": sum(terms.values()),  # the true -ELBO
+                       **{f"{split}_{key}": value for key, value in terms.items()}})
+    record.update(train_objective=train["loss"], active_units=active_units(z_mean),
+                  seconds=seconds)
+    iwae = f" (IWAE bound, k={args.iwae}: {train['loss']:.2f})" if args.iwae > 1 else ""
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
-          f"{test[0] + test[1]:.2f} (rec {test[0]:.2f} + kl {test[1]:.2f})  "
+          f"{record['test_loss']:.2f} (rec {test['reconstruction_loss']:.2f} + kl "
+          f"{test['kl_loss']:.2f})  "
           f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
     if record["active_units"] == 0 and not args.steps_per_epoch:  # a few steps mean nothing
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
@@ -316,9 +308,7 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def load_data(args):
-    """(x_train, y_train, x_test, y_test), numpy: images as uint8 rows of 784, labels -1 if none;
-    from --data-dir or data/, else downloaded; binarized once under --binarize static, the test
-    set under dynamic."""
+    """(x_train, y_train, x_test, y_test): uint8 rows of 784, labels -1 if there are none."""
     folder = args.data_dir or DATA_DIR
     if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
         path, arrays = read_data(folder, args.dataset)
@@ -342,9 +332,7 @@ def load_data(args):
 
 
 def read_data(path, dataset):
-    """(what was read, x_train, y_train, x_test, y_test; None if missing) from the .npz file
-    `path` or DATASET.npz in the folder `path`, else from MNIST's four IDX files there, gzipped
-    or not, as published: a magic number, sizes, bytes."""
+    """(what was read, [x_train, y_train, x_test, y_test]) from an .npz or the IDX files."""
     folder, npz = path, path if path.endswith(".npz") else os.path.join(path, f"{dataset}.npz")
     try:
         if npz == path or os.path.isfile(npz):
@@ -375,8 +363,7 @@ def binarize(images, seed):
 
 
 def stream_seed(args, stream, epoch=0, rank=0):
-    """The seed of one of STREAMS, from --seed, the epoch and the process alone, so that a resumed
-    run draws what an unstopped one would; numpy's SeedSequence keeps the streams independent."""
+    """A seed of one of STREAMS from --seed, the epoch and the rank alone (for resume)."""
     entropy = [args.seed, STREAMS.index(stream), epoch, rank]
     return int(np.random.default_rng(entropy).integers(2**31))
 
@@ -388,39 +375,27 @@ def epoch_order(args, epoch, num_images):
 
 
 def download(dataset):
-    """The four arrays from torchvision, which downloads them once into ~/.cache/torchvision."""
+    """The four arrays from torchvision, downloaded once into ~/.cache/torchvision (a file whose
+    hash is wrong, as a broken download's, is fetched again)."""
     import torchvision  # only here: it costs a second of start-up
 
     source = {"mnist": torchvision.datasets.MNIST,
               "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
-    root = os.path.expanduser("~/.cache/torchvision")
-    with download_failure(dataset, os.path.join(root, source.__name__)):
-        splits = [source(root, train=train, download=True) for train in (True, False)]
-    return [a.numpy() for split in splits for a in (split.data, split.targets)]
-
-
-@contextlib.contextmanager
-def download_failure(dataset, folder):
-    """A failed download into `folder` removes the folders it made and says what to fetch."""
-    made = None
-    while not os.path.isdir(folder):
-        made, folder = folder, os.path.dirname(folder)
     try:
-        yield
+        splits = [source(os.path.expanduser("~/.cache/torchvision"), train=train, download=True)
+                  for train in (True, False)]
     except Exception as error:  # no network, a proxy, a server down: all end the same way
-        if made:
-            shutil.rmtree(made, ignore_errors=True)
-        cause = " ".join(str(error).split())  # on one line
-        raise UserError(f"could not download {dataset} ({type(error).__name__}: {cause}); "
-                        f"without a network, fetch {', '.join(f'{n}.gz' for n in IDX_FILES)} "
-                        f"from {SOURCES[dataset]} into a folder DIR and pass --data-dir DIR")
+        raise UserError(f"could not download {dataset} ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())}); without a network, fetch "
+                        f"{', '.join(f'{n}.gz' for n in IDX_FILES)} from {SOURCES[dataset]} into "
+                        "a folder DIR and pass --data-dir DIR")
+    return [a.numpy() for split in splits for a in (split.data, split.targets)]
 
 
 # Figures (the same text in both scripts) ------------------------------------------------------
 
 def save_figures(args, history, test, z_mean, decode):
-    """The six pictures, from test = (x_test uint8, y_test), its z_mean and the model's
-    decode(z, y) -> pixel means (numpy in and out); each decodes its whole batch in one call."""
+    """The six pictures, from the test set, its z_mean and decode(z, y) (numpy in, out)."""
     (x, labels), names = test, CLASS_NAMES[args.dataset]
     x, path = x / np.float32(255), lambda name: os.path.join(args.out_dir, name)
     pixels = decode(z_mean[:20], labels[:20])
@@ -434,32 +409,25 @@ def save_figures(args, history, test, z_mean, decode):
         z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
         title += ": a row per label y, the same z down each column"
     mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
-    # Rows from the first test digit of class k to the first of class k + 1 (conditional: the
-    # next of class k, label k; no labels: image k to image k + 8), through the decoder along
-    # the straight line between their z_mean.
+    # From the first digit k to the first k + 1 (conditional: the next k; no labels: #k to #k+8).
     starts, ends, labelled = np.arange(8), np.arange(8, 16), labels.min() >= 0
     if labelled:
         starts = np.array([np.argmax(labels == k) for k in range(8)])
         ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
                          np.argmax(labels == k + 1) for k in range(8)])
-    steps = np.linspace(0.0, 1.0, 10, dtype=np.float32)[None, :, None]
-    line = ((1 - steps) * z_mean[starts, None] + steps * z_mean[ends, None]).reshape(80, -1)
-    pixels = decode(line, np.repeat(labels[starts], 10)).reshape(8, 10, 784)
+    line = np.linspace(z_mean[starts], z_mean[ends], 10, axis=1, dtype=np.float32)  # (8, 10, d)
+    pixels = decode(line.reshape(80, -1), np.repeat(labels[starts], 10)).reshape(8, 10, 784)
     rows = np.concatenate([x[starts, None], pixels, x[ends, None]], 1)
-    ax = mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line "
-                "between their z_mean | real digit",
-                [f"{names[labels[a]]} to {names[labels[b]]}" if labelled else f"#{a} to #{b}"
-                 for a, b in zip(starts, ends)])
-    for column in (1, 11):
-        ax.axvline(column * 28 - 0.5, color="tab:orange", linewidth=2)
-    ax.figure.savefig(path("interpolation.png"))
+    mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line between "
+           "their z_mean | real digit", [f"{names[labels[a]]} to {names[labels[b]]}" if labelled
+                                         else f"#{a} to #{b}" for a, b in zip(starts, ends)]
+           ).figure.savefig(path("interpolation.png"))
     save_latent_plots(args, z_mean, labels, decode)
     save_training_curves(path("training_curves.png"), history)
 
 
 def save_latent_plots(args, z_mean, labels, decode):
-    """latent_space.png, the test set's z_mean by class (in random order: no class hides another),
-    latent_manifold.png, the decoder on [-2, 2]^2; along z's axes or its principal directions."""
+    """latent_space.png and latent_manifold.png, along z's two main directions."""
     directions, axes = np.eye(2, dtype=np.float32), ("z[0]", "z[1]")
     if args.latent_dim > 2:
         directions = np.linalg.svd(z_mean - z_mean.mean(0), full_matrices=False)[2][:2].T
@@ -501,20 +469,15 @@ def mosaic(images, cols, title, row_labels=(), extent=None):
 
 
 def save_training_curves(path, history):
-    """Train and test loss, reconstruction and KL per epoch; a long run's axes frame its last
-    nine tenths, which its first epochs (a KL warm-up's above all) would flatten."""
+    """Train and test loss, reconstruction and KL per epoch."""
     fig = Figure(figsize=(13, 3.8), layout="tight")
     titles = {"loss": "loss = -ELBO", "reconstruction_loss": "reconstruction",
               "kl_loss": "KL(q(z|x) || p(z))"}
-    long = len(history) > 50
     for ax, (key, title) in zip(fig.subplots(1, 3), titles.items()):
         curves = np.array([[r[f"{split}_{key}"] for r in history] for split in ("train", "test")])
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
             ax.plot(range(1, len(history) + 1), values, style, label=label,
-                    marker="" if long else ".")  # a run of one epoch: one dot
-        if long:
-            late = curves[:, len(history) // 10:]
-            ax.set_ylim(late.min() - 0.1 * np.ptp(late), late.max() + 0.1 * np.ptp(late))
+                    marker="" if len(history) > 50 else ".")  # one epoch: one dot
         ax.set(title=title, xlabel="epoch", ylabel="nats per image",
                xlim=(0.5, len(history) + 0.5))
         ax.xaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
@@ -548,8 +511,7 @@ def load_checkpoint(path):
 
 
 def start_processes(args):
-    """(device, rank): under torchrun this process joins the others (NCCL between GPUs, one
-    each; gloo on the CPU), and all but the first print nothing; else it is alone."""
+    """(device, rank): under torchrun, join the others (NCCL or gloo); else alone."""
     gpu = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if args.device == "gpu" and gpu is None:
         raise UserError("--device gpu: PyTorch sees no GPU; use --device cpu")
@@ -571,8 +533,7 @@ def start_processes(args):
 # The rest of this section is the same text in both scripts.
 
 def resume_flags(args, given, saved):
-    """--resume continues the checkpoint's run (`saved`) with its flags (five of them may change);
-    a fresh run must not write over another."""
+    """--resume takes the checkpoint's flags (five may change); a fresh run never overwrites."""
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
     if not args.resume:
         if saved:  # finished or not, a run is never written over
@@ -594,8 +555,7 @@ def resume_flags(args, given, saved):
 
 
 def write_metrics(args, run, history, iw_nll):
-    """metrics.json, renamed into place once whole: the run, the flags, history and results;
-    iw_nll: the bound on -log p(x), or on -log p(x|y) and -log p(x) for a conditional model."""
+    """metrics.json, renamed into place once whole; iw_nll: the bounds, as iw_bound gives."""
     test = {key[5:]: value for key, value in history[-1].items() if key.startswith("test_")}
     bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
     objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
@@ -620,8 +580,7 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def one_line_errors(args, history):
-    """Every failure the user can act on ends as one line on stderr and a non-zero status. A
-    Ctrl-C or a SIGTERM, wherever it lands, says what the checkpoint keeps (status 130)."""
+    """A failure the user can act on, a Ctrl-C or a SIGTERM ends as one line on stderr."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill stops as Ctrl-C does
     try:
         yield
@@ -646,8 +605,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog=f"sample_{FRAMEWORK}.py", usage="%(prog)s [options]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a variational autoencoder on MNIST; save its figures, metrics.json "
-        "and a checkpoint.")
+        description="Train a VAE on MNIST; save its figures, metrics.json and a checkpoint.")
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     add = parser.add_argument
     add("--epochs", type=int, default=20, help="passes over the data, a resumed run's included")
@@ -660,26 +618,16 @@ def build_parser():
     add("--kl-warmup-epochs", type=int, default=0, help="epochs to raise the KL weight to --beta")
     add("--binarize", choices=("none", "dynamic", "static"), default="none",
         help="keep grey levels, or draw binary pixels each time an image is used, or once")
-    add("--iw-samples", type=int, default=100, help="samples per test image in the bound on "
-        "log p(x); 5000 in the papers")
+    add("--iw-samples", type=int, default=100, help="K of the bound on log p(x) (papers: 5000)")
     add("--seed", type=int, default=0, help="seeds the weights, the batch order and the noise")
-    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if the "
-        "framework sees one")
-    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="mnist ships in data/; "
-        "fashion_mnist is downloaded")
-    add("--data-dir", help="read DATASET.npz (Keras's layout), or MNIST's four IDX files, "
-        "from this folder instead")
-    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the figures, "
-        "metrics.json and the checkpoint go")
+    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU if any")
+    add("--dataset", choices=tuple(CLASS_NAMES), default="mnist", help="fashion_mnist: downloaded")
+    add("--data-dir", help="a folder of DATASET.npz or MNIST's IDX files, or an .npz file")
+    add("--out-dir", default=os.path.join("outputs", FRAMEWORK), help="where the results go")
     add("--steps-per-epoch", type=int, help="cap on training batches per epoch, for a smoke run")
-    add("--conditional", action="store_true", help="a conditional VAE, q(z|x, y) and "
-        "p(x|z, y), that draws the digit you name; its bound is on -log p(x|y), and on -log p(x) "
-        "at ten times the cost")
-    add("--iwae", type=int, default=1, help="train on the IWAE bound with this many samples of "
-        "z per image (Burda et al., 2015); 1: the ELBO")
-    add("--resume", action="store_true", help="continue the run whose checkpoint is in "
-        "--out-dir, with its flags; --epochs, --iw-samples, --device, --lr and --data-dir may "
-        "change")
+    add("--conditional", action="store_true", help="q(z|x, y), p(x|z, y): draws the digit y named")
+    add("--iwae", type=int, default=1, help="train on the k-sample IWAE bound; 1: the ELBO")
+    add("--resume", action="store_true", help="continue the run in --out-dir, with its flags")
     return parser
 
 

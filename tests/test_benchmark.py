@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import ROOT, run_script
 
@@ -119,3 +120,22 @@ def cpu_seconds(pid):
     """User and system CPU seconds of a process so far, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_seed_table_gives_each_seeds_value_their_mean_and_sample_deviation(tmp_path):
+    """benchmarks/seeds.py, on metrics made up here: nothing is run again where metrics.json
+    is, and the spread is numpy's standard deviation with one degree of freedom less."""
+    seeds = importlib.import_module("benchmarks.seeds")
+    losses = [140.0, 141.5, 139.0]
+    for seed, loss in enumerate(losses):
+        folder = tmp_path / "conditional" / "pytorch" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        test = {"loss": loss, "iw_bounds": {"-log p(x|y)": loss - 3, "-log p(x)": loss - 2}}
+        (folder / "metrics.json").write_text(json.dumps({"test": test}))
+    tests = [seeds.run(tmp_path, "pytorch", "conditional", seed)["test"] for seed in range(3)]
+    table = seeds.summary(tests)
+    values, mean, spread = table["test -ELBO"]
+    assert values == losses and mean == pytest.approx(np.mean(losses))
+    assert spread == pytest.approx(np.std(losses, ddof=1))
+    assert table["-log p(x|y) <="][1] == pytest.approx(np.mean(losses) - 3)
+    assert "-log p(x|y) <=" not in seeds.summary([{"loss": 1.0, "iw_bounds": {"-log p(x)": 1.0}}])

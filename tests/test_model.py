@@ -166,3 +166,14 @@ def test_pytorch_and_keras_train_alike_from_the_same_weights_and_noise(num_class
         torch_step = torch_step.T if torch_step.ndim == 2 else torch_step
         np.testing.assert_allclose(keras_step, torch_step, rtol=1e-3,
                                    atol=1e-4 * np.abs(torch_step).max())
+
+
+def test_a_conditional_model_without_its_labels_says_so_in_one_clear_error(script):
+    """decode or encode with no y, or with a label outside 0-9: a ValueError that says why."""
+    model = script.model("mlp", 2, num_classes=10)
+    z, x = np.zeros((3, 2), np.float32), np.zeros((3, 784), np.float32)
+    for call in (lambda: script.decode(model, z), lambda: script.encode(model, x),
+                 lambda: script.decode(model, z, np.array([0, 10, 1])),
+                 lambda: script.encode(model, x, [-1, 0, 1])):
+        with pytest.raises(ValueError, match="conditional: y must be integer labels 0-9, one"):
+            call()

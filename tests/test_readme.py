@@ -39,7 +39,7 @@ def repository(script, tmp_path):
 def test_the_readme_has_one_snippet_per_framework_of_about_ten_lines():
     found = snippets()
     assert set(found) == {"pytorch", "keras"}
-    assert all(len(code.strip().splitlines()) <= 18 for code in found.values())
+    assert all(len(code.strip().splitlines()) <= 15 for code in found.values())
 
 
 @pytest.mark.parametrize("flags", [[], ["--conditional"]], ids=["vae", "conditional"])
