@@ -323,7 +323,7 @@ def stop(process, signum):
 
 @pytest.fixture(scope="module")
 def slow_data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("slow"), n_train=1000, n_test=50)
+    return write_dataset(tmp_path_factory.mktemp("slow"), n_train=5000, n_test=50)
 
 
 @pytest.mark.subprocess
