@@ -48,7 +48,7 @@ def tensorflow_notices_dropped():
             sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
 
 
-with tensorflow_notices_dropped():  # on TensorFlow's backend; on the others, see main()
+with tensorflow_notices_dropped():  # on TensorFlow's backend; on the others, see new_model()
     import keras
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -180,9 +180,10 @@ class VAE(keras.Model):
         return ops.mean(loss)
 
     def get_compile_config(self):
-        """Adam saved by its public name, which loads on every backend without torch."""
-        config = super().get_compile_config()
-        config["optimizer"]["module"] = "keras.optimizers"
+        """A backend's own optimizer class (torch's Adam) saved by its public name instead."""
+        config = super().get_compile_config()  # {} for a model never compiled
+        if config.get("optimizer", {}).get("module", "").startswith("keras.src.backend."):
+            config["optimizer"]["module"] = "keras.optimizers"
         return config
 
     def get_config(self):
