@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = {"pytorch": ("sample_pytorch.py", "torch"), "keras-tensorflow": ("sample_keras.py",
-                                                                        "tensorflow"),
-        "keras-jax": ("sample_keras.py", "jax")}
+# Each run: the script, its Keras backend, and the checkpoint it resumes from (only that file:
+# a kill can leave checkpoint.pt.tmp, which is no run to resume, as scripts/run.sh knows too).
+RUNS = {"pytorch": ("sample_pytorch.py", "torch", "checkpoint.pt"),
+        "keras-tensorflow": ("sample_keras.py", "tensorflow", "checkpoint.keras"),
+        "keras-jax": ("sample_keras.py", "jax", "checkpoint.keras")}
 MODELS = {"VAE": [], "conditional": ["--conditional"]}
 # What the table reports, from metrics.json's "test".
 FIGURES = {"test -ELBO": lambda test: test["loss"],
@@ -33,8 +35,8 @@ def run(out_dir, name, model, seed):
     """One default run, unless its metrics.json is there already; its metrics."""
     folder = out_dir / model / name / f"seed{seed}"
     if not (folder / "metrics.json").is_file():
-        script, backend = RUNS[name]
-        resume = ["--resume"] if any(folder.glob("checkpoint.*")) else []
+        script, backend, checkpoint = RUNS[name]
+        resume = ["--resume"] if (folder / checkpoint).is_file() else []
         command = [sys.executable, str(ROOT / script), *MODELS[model], "--seed", str(seed),
                    "--out-dir", str(folder), *resume]
         print(" ".join(command), file=sys.stderr, flush=True)
