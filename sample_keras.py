@@ -6,10 +6,9 @@ per image, at z = z_mean + exp(z_log_var / 2) * eps; then the importance-weighte
 -log p(x) is reported. --iwae k trains on that bound, --conditional on labels (see the README).
 Backend-agnostic Keras 3: KERAS_BACKEND=tensorflow (the default), jax or torch.
 
-Run:
+Run, with the results in --out-dir (default outputs/keras) and every flag in --help:
     python3 sample_keras.py                            # MNIST from data/mnist.npz, 20 epochs
     python3 sample_keras.py --resume --epochs 30       # ten more epochs of that run
-Everything lands in --out-dir (default outputs/keras); --help lists every flag.
 """
 
 import argparse
@@ -27,9 +26,7 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices at start-up
-# On the torch backend, OpenMP's idle threads spin 300 turns, not 300,000, before they sleep, so
-# that other busy processes do not slow an epoch several times (docs/performance.md).
-os.environ.setdefault("GOMP_SPINCOUNT", "300")
+os.environ.setdefault("GOMP_SPINCOUNT", "300")  # the torch backend, see sample_pytorch.py
 NOTICES = re.compile(r"absl::InitializeLog|\] oneDNN custom operations|\] Could not find cuda")
 
 
@@ -48,13 +45,12 @@ def tensorflow_notices_dropped():
             sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
 
 
-with tensorflow_notices_dropped():  # on TensorFlow's backend; on the others, see new_model()
+with tensorflow_notices_dropped():  # on TensorFlow's backend; else new_model(), save_checkpoint()
     import keras
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 FRAMEWORK, CHECKPOINT = "keras", "checkpoint.keras"
@@ -75,8 +71,7 @@ def build_encoder(arch):
     if arch == "mlp":
         return keras.Sequential([layers.Dense(512, activation="relu", **init(784)),
                                  layers.Dense(HIDDEN, activation="relu", **init(512))])
-    # Kernel 4, stride 2 and padding "same" halve 28 -> 14 -> 7 with the windows where
-    # PyTorch's padding=1 puts them, so both scripts compute the same function.
+    # Padding "same" places the windows where PyTorch's padding=1 does: the same 28 -> 14 -> 7.
     return keras.Sequential([
         layers.Reshape((28, 28, 1)),
         layers.Conv2D(32, 4, strides=2, padding="same", activation="relu", **init(16)),
@@ -94,8 +89,7 @@ def build_decoder(arch, latent_dim):
     return keras.Sequential([
         layers.Dense(HIDDEN, activation="relu", **init(latent_dim)),
         layers.Dense(7 * 7 * 64, activation="relu", **init(HIDDEN)), layers.Reshape((7, 7, 64)),
-        layers.Conv2DTranspose(32, 4, strides=2, padding="same", activation="relu",
-                               **init(32 * 16)),
+        layers.Conv2DTranspose(32, 4, strides=2, padding="same", activation="relu", **init(512)),
         layers.Conv2DTranspose(1, 4, strides=2, padding="same", **init(16)), layers.Flatten()])
 
 
@@ -187,9 +181,8 @@ class VAE(keras.Model):
         return config
 
     def get_config(self):
-        return {**super().get_config(), "arch": self.arch, "latent_dim": self.latent_dim,
-                "num_classes": self.num_classes, "samples": self.samples,
-                "training_state": self.training_state}
+        names = ("arch", "latent_dim", "num_classes", "samples", "training_state")
+        return {**super().get_config(), **{name: getattr(self, name) for name in names}}
 
 
 # Loss: the two terms of -ELBO, and the importance-weighted bound ------------------------------
@@ -237,7 +230,7 @@ def label_marginal_nll(model, x, eps):
     return math.log(model.num_classes) - ops.logsumexp(-nll, axis=0)
 
 
-# Training and evaluation ----------------------------------------------------------------------
+# Training and evaluation (from kl_weight on, the same text in both scripts) -------------------
 
 def epoch_inputs(train, args, epoch, replicas=1):
     """fit()'s [images, labels] in epoch_order(), a multiple of the replicas, made binary."""
@@ -251,22 +244,19 @@ def epoch_inputs(train, args, epoch, replicas=1):
 
 def train(model, optimizer, data, args, history):
     """Train epochs len(history) + 1 to --epochs on data, each evaluated and checkpointed."""
-    test = list(data[2:])
-    # Keras's DataParallel (JAX) shards a batch only if it splits evenly over the devices.
     mesh = keras.distribution.distribution()
-    replicas = mesh.device_mesh.devices.size if mesh else 1
-    if len(test[0]) % replicas:
-        raise UserError(f"the {len(test[0])} test images do not split evenly over {replicas} "
+    replicas = mesh.device_mesh.devices.size if mesh else 1  # JAX's: batches split evenly
+    if len(data[2]) % replicas:
+        raise UserError(f"the {len(data[2])} test images do not split evenly over {replicas} "
                         "data-parallel devices; make fewer visible (CUDA_VISIBLE_DEVICES)")
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
-        state = model.seed_generator.state  # eps: nothing to save
-        state.assign(np.array([stream_seed(args, "noise", epoch), 0], state.dtype))
+        model.seed_generator.state.assign([stream_seed(args, "noise", epoch), 0])  # eps: resumable
         model.kl_weight.assign(kl_weight(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
         logs = model.fit(epoch_inputs(data[:2], args, epoch, replicas),
                          batch_size=args.batch_size, shuffle=False, verbose=0).history
-        scores = model.evaluate(test, batch_size=EVAL_BATCH_SIZE // replicas * replicas,
+        scores = model.evaluate(list(data[2:]), batch_size=EVAL_BATCH_SIZE // replicas * replicas,
                                 verbose=0, return_dict=True)
         losses = {"train": {key: value[0] for key, value in logs.items()}, "test": scores}
         record = epoch_record(args, history, losses, posterior_means(model, data[2:]),
@@ -287,9 +277,9 @@ def iw_bound(model, test, num_samples, seed):
     generator = keras.random.SeedGenerator(seed)
     images, totals = max(1, IW_ROWS // num_samples), []
     batches = (np.array_split(a, range(images, len(a), images)) for a in test)
-    print(f"importance-weighted bound: K={num_samples} samples for each of {len(test[0])} test "
-          "images...", flush=True)  # for logs; the progress bar shows on a terminal only
-    for x, y in tqdm(zip(*batches), f"IW bound, K={num_samples}", leave=False, disable=None):
+    print(f"the bound on -log p(x): K={num_samples} samples for {len(test[0])} test images...",
+          flush=True)  # for logs: the progress bar below shows on a terminal only
+    for x, y in tqdm(zip(*batches), leave=False, disable=None):
         x = x / np.float32(255)
         eps = keras.random.normal((num_samples, len(x), model.latent_dim), seed=generator)
         nll = [importance_weighted_nll(model, x, y, eps)]
@@ -298,8 +288,6 @@ def iw_bound(model, test, num_samples, seed):
         totals.append(ops.convert_to_numpy(ops.stack(nll)).sum(1, dtype=np.float64))
     return (np.sum(totals, 0) / len(test[0])).tolist()
 
-
-# The rest of this section is the same text in both scripts.
 
 def kl_weight(args, epoch):
     """The KL term's weight in epoch `epoch` (from 1): from 0 up to --beta over the warm-up."""
@@ -421,8 +409,7 @@ def epoch_order(args, epoch, num_images):
 
 
 def download(dataset):
-    """The four arrays from keras.datasets, downloaded once into ~/.keras/datasets (a file whose
-    hash is wrong, as a broken download's, is fetched again)."""
+    """The four arrays via keras.datasets, cached in ~/.keras/datasets (hash-checked)."""
     try:
         (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, dataset).load_data()
     except Exception as error:  # no network, a proxy, a server down: all end the same way
@@ -476,8 +463,7 @@ def save_latent_plots(args, z_mean, labels, decode):
     order = np.random.default_rng(0).permutation(len(z_mean))
     ax = Figure(figsize=(7.5, 6.5), layout="tight").subplots()
     colours = dict(c=labels[order], cmap="tab10", vmin=-0.5, vmax=9.5) if labels.min() >= 0 else {}
-    points = ax.scatter(*(z_mean[order] @ directions).T, s=2, alpha=0.5, rasterized=True,
-                        **colours)
+    points = ax.scatter(*(z_mean[order] @ directions).T, s=2, alpha=0.5, **colours)
     if colours:
         ax.legend(points.legend_elements()[0], [CLASS_NAMES[args.dataset][k] for k in
                                                 np.unique(labels)], title="label",
@@ -521,19 +507,20 @@ def save_training_curves(path, history):
                     marker="" if len(history) > 50 else ".")  # one epoch: one dot
         ax.set(title=title, xlabel="epoch", ylabel="nats per image",
                xlim=(0.5, len(history) + 0.5))
-        ax.xaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
+        ax.locator_params(axis="x", nbins=10, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.savefig(path)
     return fig
 
 
-# Checkpoint, resume and devices ---------------------------------------------------------------
+# Checkpoint, resume and devices (from resume_flags on, the same text in both) -----------------
 
 def new_model(args):
     """A fresh VAE and its Adam, built now (in fit(), TensorFlow would trace twice)."""
     with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
         keras.utils.set_random_seed(stream_seed(args, "weights"))  # the initial weights
+
     model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0, args.iwae)
     optimizer = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
     model([keras.Input((784,)), keras.Input((), dtype="int32")])
@@ -544,7 +531,8 @@ def new_model(args):
 def save_checkpoint(path, model, args, history):
     """Weights, Adam, flags and history, renamed into place: a kill never leaves half a file."""
     model.training_state = {"config": vars(args), "history": history}
-    model.save(path + ".tmp.keras")  # Keras wants the suffix
+    with tensorflow_notices_dropped():  # Keras's saving loads TensorFlow, if installed
+        model.save(path + ".tmp.keras")  # Keras wants the suffix
     os.replace(path + ".tmp.keras", path)
 
 
@@ -558,36 +546,29 @@ def load_checkpoint(path):
     return model, model.training_state
 
 
-def devices(name):
-    """--device -> the GPUs the backend sees, else its CPUs (one device under torch)."""
-    if keras.backend.backend() == "torch":
+def distribution(args):
+    """(devices, the scope to train in): --device's GPUs, else the CPUs; several: data-parallel."""
+    if keras.backend.backend() == "torch":  # one device
         import torch
-        gpus = [torch.accelerator.current_accelerator().type] if (
-            torch.accelerator.is_available()) else []
-        cpus = ["cpu"]
+        accelerator = torch.accelerator.current_accelerator(check_available=True)
+        gpus, cpus = [accelerator.type] if accelerator else [], ["cpu"]
     else:  # the default kind is the accelerator, if any (JAX raises for a kind it lacks)
         gpus = [d for d in keras.distribution.list_devices() if not d.startswith("cpu")]
         cpus = keras.distribution.list_devices("cpu")
-    if name == "gpu" and not gpus:
+    if args.device == "gpu" and not gpus:
         raise UserError(f"--device gpu: Keras's {keras.backend.backend()} backend sees no GPU; "
                         "use --device cpu")
-    return gpus if gpus and name != "cpu" else cpus
-
-
-def distribution(names, batch_size):
-    """The scope to train in: one device, or several: DataParallel or MirroredStrategy."""
+    names = gpus if gpus and args.device != "cpu" else cpus
     if len(names) == 1:
-        return keras.device(names[0])
-    if batch_size % len(names):
-        raise UserError(f"--batch-size {batch_size} does not split evenly over "
+        return names, keras.device(names[0])
+    if args.batch_size % len(names):
+        raise UserError(f"--batch-size {args.batch_size} does not split evenly over "
                         f"{len(names)} data-parallel replicas")
-    if keras.backend.backend() == "jax":
-        return keras.distribution.DataParallel(devices=names).scope()
+    if keras.backend.backend() == "jax":  # Keras's own data parallelism; TensorFlow's below
+        return names, keras.distribution.DataParallel(devices=names).scope()
     import tensorflow as tf
-    return tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
+    return names, tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
 
-
-# The rest of this section is the same text in both scripts.
 
 def resume_flags(args, given, saved):
     """--resume takes the checkpoint's flags (five may change); a fresh run never overwrites."""
@@ -716,8 +697,8 @@ def main(argv=None):
     args, given = parse_args(argv)
     history = []  # the epochs done, as a stop reports them
     with one_line_errors(args, history):
-        names = devices(args.device)
-        with distribution(names, args.batch_size):  # build, load and train the model there
+        names, scope = distribution(args)
+        with scope:  # build, load and train the model there
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
             resume_flags(args, given, saved)
@@ -743,10 +724,10 @@ def main(argv=None):
         iw_nll = iw_bound(model, data[2:], args.iw_samples, stream_seed(args, "bound"))
         timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
         backend = keras.backend.backend()
+        versions = {"keras": keras.__version__, backend: __import__(backend).__version__}
         write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,
-                             "versions": {"keras": keras.__version__, backend:
-                                          __import__(backend).__version__}, "timing": timing},
-                      history, iw_nll)
+                             "versions": versions, "timing": timing}, history, iw_nll)
+
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@ from logits), p(z) = N(0, I). Training minimises -ELBO = reconstruction_loss + k
 per image, at z = z_mean + exp(z_log_var / 2) * eps; then the importance-weighted bound on
 -log p(x) is reported. --iwae k trains on that bound, --conditional on labels (see the README).
 
-Run:
+Run, with the results in --out-dir (default outputs/pytorch) and every flag in --help:
     python3 sample_pytorch.py                          # MNIST from data/mnist.npz, 20 epochs
     python3 sample_pytorch.py --resume --epochs 30     # ten more epochs of that run
     torchrun --standalone --nproc_per_node=4 sample_pytorch.py   # data-parallel, 4 GPUs
-Everything lands in --out-dir (default outputs/pytorch); --help lists every flag.
 """
 
 import argparse
@@ -34,7 +33,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -49,8 +47,7 @@ def build_encoder(arch):
     """x (N, 784) -> features (N, HIDDEN); two linear heads turn them into z_mean, z_log_var."""
     if arch == "mlp":
         return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, HIDDEN), nn.ReLU())
-    # Kernel 4, stride 2 and padding 1 halve 28 -> 14 -> 7 with the windows where Keras's
-    # padding="same" puts them, so both scripts compute the same function.
+    # Padding 1 places the windows where Keras's padding="same" does: the same 28 -> 14 -> 7.
     return nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)),
         nn.Conv2d(1, 32, 4, stride=2, padding=1), nn.ReLU(),
@@ -171,7 +168,7 @@ def label_marginal_nll(model, x, eps):
     return math.log(model.num_classes) - torch.logsumexp(-nll, 0)
 
 
-# Training and evaluation ----------------------------------------------------------------------
+# Training and evaluation (from kl_weight on, the same text in both scripts) -------------------
 
 def train_epoch(model, optimizer, batches, kl_weight, binarizer=None):
     """One pass of Adam over (x, y) batches (pixels drawn binary by `binarizer`): sums."""
@@ -208,10 +205,11 @@ def train(model, optimizer, data, args, history):
                            binarizer if args.binarize == "dynamic" else None)
         if world_size > 1:
             dist.all_reduce(sums)
-        test, z_mean = evaluate(model, data[2:])
         terms = ("reconstruction_loss", "kl_loss", "loss")
-        losses = {"train": dict(zip(terms, (sums[:3] / sums[3]).tolist())), "test": test}
-        record = epoch_record(args, history, losses, z_mean, time.perf_counter() - start)
+        losses = {"train": dict(zip(terms, (sums[:3] / sums[3]).tolist())),
+                  "test": evaluate(model, data[2:])}
+        record = epoch_record(args, history, losses, posterior_means(model, data[2:]),
+                              time.perf_counter() - start)
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, optimizer, args,
                             history + [record])
@@ -220,17 +218,24 @@ def train(model, optimizer, data, args, history):
 
 @torch.no_grad()
 def evaluate(model, test):
-    """test = (x_test, y_test) -> its (reconstruction_loss, kl_loss) means, each z_mean (numpy)."""
+    """test = (x_test, y_test) -> the means of its reconstruction_loss and kl_loss, by name."""
     model.eval()
-    device, sums, z_means = next(model.parameters()).device, 0, []
-    x_test, y_test = (torch.from_numpy(a).to(device) for a in test)
-    for x, y in zip(x_test.split(EVAL_BATCH_SIZE), y_test.split(EVAL_BATCH_SIZE)):
+    device, sums = next(model.parameters()).device, 0
+    x_test, y_test = (torch.from_numpy(a).to(device).split(EVAL_BATCH_SIZE) for a in test)
+    for x, y in zip(x_test, y_test):
         x = x.float() / 255
         logits, z_mean, z_log_var, _ = model(x, y)
         sums += torch.stack([term.sum() for term in negative_elbo(x, logits, z_mean, z_log_var)])
-        z_means.append(z_mean)
-    terms = dict(zip(("reconstruction_loss", "kl_loss"), (sums / len(x_test)).tolist()))
-    return terms, torch.cat(z_means).cpu().numpy()
+    return dict(zip(("reconstruction_loss", "kl_loss"), (sums / len(test[0])).tolist()))
+
+
+@torch.no_grad()
+def posterior_means(model, test):
+    """Every test image's z_mean (numpy), encoded in batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    batches = (torch.from_numpy(a).to(device).split(EVAL_BATCH_SIZE) for a in test)
+    return torch.cat([model.encode(x.float() / 255, y)[0] for x, y in zip(*batches)]).cpu().numpy()
 
 
 def iw_bound(model, test, num_samples, seed):
@@ -240,9 +245,9 @@ def iw_bound(model, test, num_samples, seed):
     generator = torch.Generator(device).manual_seed(seed)
     images, totals = max(1, IW_ROWS // num_samples), []
     x_test, y_test = (torch.from_numpy(a).to(device).split(images) for a in test)
-    print(f"importance-weighted bound: K={num_samples} samples for each of {len(test[0])} test "
-          "images...", flush=True)  # for logs; the progress bar shows on a terminal only
-    for x, y in tqdm(zip(x_test, y_test), f"IW bound, K={num_samples}", leave=False, disable=None):
+    print(f"the bound on -log p(x): K={num_samples} samples for {len(test[0])} test images...",
+          flush=True)  # for logs: the progress bar below shows on a terminal only
+    for x, y in tqdm(zip(x_test, y_test), leave=False, disable=None):
         x = x.float() / 255
         eps = torch.randn((num_samples, len(x), model.latent_dim), generator=generator,
                           device=device)
@@ -252,8 +257,6 @@ def iw_bound(model, test, num_samples, seed):
         totals.append(torch.stack(nll).double().sum(1))
     return (torch.stack(totals).sum(0) / len(test[0])).tolist()
 
-
-# The rest of this section is the same text in both scripts.
 
 def kl_weight(args, epoch):
     """The KL term's weight in epoch `epoch` (from 1): from 0 up to --beta over the warm-up."""
@@ -375,8 +378,7 @@ def epoch_order(args, epoch, num_images):
 
 
 def download(dataset):
-    """The four arrays from torchvision, downloaded once into ~/.cache/torchvision (a file whose
-    hash is wrong, as a broken download's, is fetched again)."""
+    """The four arrays via torchvision, cached in ~/.cache/torchvision (hash-checked)."""
     import torchvision  # only here: it costs a second of start-up
 
     source = {"mnist": torchvision.datasets.MNIST,
@@ -435,8 +437,7 @@ def save_latent_plots(args, z_mean, labels, decode):
     order = np.random.default_rng(0).permutation(len(z_mean))
     ax = Figure(figsize=(7.5, 6.5), layout="tight").subplots()
     colours = dict(c=labels[order], cmap="tab10", vmin=-0.5, vmax=9.5) if labels.min() >= 0 else {}
-    points = ax.scatter(*(z_mean[order] @ directions).T, s=2, alpha=0.5, rasterized=True,
-                        **colours)
+    points = ax.scatter(*(z_mean[order] @ directions).T, s=2, alpha=0.5, **colours)
     if colours:
         ax.legend(points.legend_elements()[0], [CLASS_NAMES[args.dataset][k] for k in
                                                 np.unique(labels)], title="label",
@@ -480,14 +481,14 @@ def save_training_curves(path, history):
                     marker="" if len(history) > 50 else ".")  # one epoch: one dot
         ax.set(title=title, xlabel="epoch", ylabel="nats per image",
                xlim=(0.5, len(history) + 0.5))
-        ax.xaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
+        ax.locator_params(axis="x", nbins=10, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.savefig(path)
     return fig
 
 
-# Checkpoint, resume and devices ---------------------------------------------------------------
+# Checkpoint, resume and devices (from resume_flags on, the same text in both) -----------------
 
 def save_checkpoint(path, model, optimizer, args, history):
     """Weights, Adam, flags and history, renamed into place: a kill never leaves half a file."""
@@ -529,8 +530,6 @@ def start_processes(args):
         sys.stdout = open(os.devnull, "w")
     return device, dist.get_rank()
 
-
-# The rest of this section is the same text in both scripts.
 
 def resume_flags(args, given, saved):
     """--resume takes the checkpoint's flags (five may change); a fresh run never overwrites."""
@@ -684,7 +683,7 @@ def main(argv=None):
         if rank == 0:
             with torch.no_grad():
                 decode = lambda z, y: model.decode(torch.from_numpy(z).to(device), y).cpu().numpy()
-                save_figures(args, history, data[2:], evaluate(model, data[2:])[1], decode)
+                save_figures(args, history, data[2:], posterior_means(model, data[2:]), decode)
             iw_started = time.time()
             iw_nll = iw_bound(model, data[2:], args.iw_samples, stream_seed(args, "bound"))
             timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}

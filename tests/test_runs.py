@@ -43,7 +43,7 @@ def test_a_copy_run_alone_writes_its_figures_metrics_and_checkpoint_and_a_clean_
     assert result.returncode == 0, result.stderr
     assert re.search(r"^epoch 2/2  train loss [\d.]+ ", result.stdout, re.M)
     # A log shows what runs before it runs: the bound's K and images, ahead of its result.
-    announced = result.stdout.index(f"bound: K=5 samples for each of {test_images} test images")
+    announced = result.stdout.index(f"bound on -log p(x): K=5 samples for {test_images} test")
     assert announced < result.stdout.index("importance-weighted bound, K=5: -log p(x) <=")
     assert "\x1b" not in result.stdout and "\r" not in result.stdout + result.stderr
     assert result.stderr == ""  # no framework's notices, on any backend
@@ -55,6 +55,9 @@ def test_a_copy_run_alone_writes_its_figures_metrics_and_checkpoint_and_a_clean_
     assert set(metrics["config"]) == set(vars(script.module.parse_args([])[0]))
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
     assert metrics["backend"] == backend
+    resumed = run_script(tmp_path / script.file.name, "--resume", "--epochs", "3", cwd=tmp_path,
+                         env={"KERAS_BACKEND": backend})
+    assert resumed.returncode == 0 and resumed.stderr == ""  # Keras's saving loads TensorFlow
 
 
 @pytest.mark.subprocess
