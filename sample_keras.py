@@ -245,7 +245,7 @@ def epoch_inputs(train, args, epoch, replicas=1):
 def train(model, optimizer, data, args, history):
     """Train epochs len(history) + 1 to --epochs on data, each evaluated and checkpointed."""
     mesh = keras.distribution.distribution()
-    replicas = mesh.device_mesh.devices.size if mesh else 1  # JAX's: batches split evenly
+    replicas = mesh.device_mesh.devices.size if mesh else 1  # DataParallel needs even batches
     if len(data[2]) % replicas:
         raise UserError(f"the {len(data[2])} test images do not split evenly over {replicas} "
                         "data-parallel devices; make fewer visible (CUDA_VISIBLE_DEVICES)")
@@ -520,7 +520,6 @@ def new_model(args):
     """A fresh VAE and its Adam, built now (in fit(), TensorFlow would trace twice)."""
     with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
         keras.utils.set_random_seed(stream_seed(args, "weights"))  # the initial weights
-
     model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0, args.iwae)
     optimizer = keras.optimizers.Adam(args.lr, epsilon=1e-8)  # PyTorch's epsilon
     model([keras.Input((784,)), keras.Input((), dtype="int32")])
@@ -727,7 +726,6 @@ def main(argv=None):
         versions = {"keras": keras.__version__, backend: __import__(backend).__version__}
         write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,
                              "versions": versions, "timing": timing}, history, iw_nll)
-
 
 
 if __name__ == "__main__":
