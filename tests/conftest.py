@@ -1,19 +1,28 @@
 """What the tests share: both scripts behind one interface (the `script` fixture runs a test
 once per framework), small data sets written here, and a way to run a script as a user would."""
 
+import atexit
 import gzip
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Two pytest-xdist workers share two cores: one thread each, for this process and the scripts it
 # starts, so that their thread pools do not spin against each other (set before the imports).
 for variable in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
     os.environ.setdefault(variable, "1")
+# JAX compiles the same programs in many of the processes the tests start (a run and its resume,
+# say): one compilation cache on disk for the session, inherited by the workers, reuses them.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vae-tests-jax-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # they compile fast
 
 # A job that a non-interactive shell starts in the background has SIGINT ignored, and every
 # process it starts inherits that; Ctrl-C's tests need the scripts to receive it.

@@ -6,23 +6,25 @@ writes, and resumes either way."""
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, history, one_error_line, run_script, write_dataset
+from conftest import ROOT, history, one_error_line, write_dataset
 
 pytestmark = pytest.mark.subprocess
 
 
-def run(argv, env=None):
+def run(argv, env=None, status=0):
+    """Python with argv; the CompletedProcess, once it has ended with `status`."""
     result = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    assert result.returncode == status, result.stderr[-3000:]
+    return result
 
 
 def same_training(one, two):
@@ -57,7 +59,8 @@ def test_two_gloo_processes_under_torchrun_train_alike_and_resume(tmp_path, digi
     one, two = tmp_path / "one", tmp_path / "two"
     run(["sample_pytorch.py", *flags, "--out-dir", one])
     (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES)
-    stdout = run([*torchrun, tmp_path / "each_rank_saves.py", tmp_path, *flags, "--out-dir", two])
+    stdout = run([*torchrun, tmp_path / "each_rank_saves.py", tmp_path, *flags, "--out-dir",
+                  two]).stdout
     assert stdout.count("epoch 2/2") == 1 and "on 2 processes" in stdout
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     for name, weight in ranks[0]["weights"].items():
@@ -86,15 +89,17 @@ def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_pa
     run(["sample_keras.py", *flags, "--out-dir", one], env)
     shutil.copytree(one, resumed)
     stdout = run(["-c", TWO_CPU_DEVICES, *flags, "--out-dir", two, "--resume", "--epochs", "3",
-                  "--out-dir", resumed], env)
+                  "--out-dir", resumed], env).stdout
     assert stdout.count("cpu:0, cpu:1, data-parallel") == 2
     same_training(one, two)
     assert json.loads((two / "metrics.json").read_text())["device"].endswith("data-parallel")
     assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
 
 
-# Two JAX CPU devices; after training, how many devices hold the weights and how many the batch.
-ON_TWO_JAX_DEVICES = """import sys
+# Two JAX CPU devices, main() on each command line given in turn; after each training, how many
+# devices hold the weights and how many the batch.
+ON_TWO_JAX_DEVICES = """import shlex
+import sys
 import keras
 import sample_keras
 fit = keras.Model.fit
@@ -105,27 +110,27 @@ def fit_and_report(model, x, **kwargs):
           "devices, batches split", layout.axes)
     return history
 keras.Model.fit = fit_and_report
-sample_keras.main(sys.argv[1:])
+for argv in sys.argv[1:]:
+    sample_keras.main(shlex.split(argv))
 """
 
 
 def test_keras_on_jax_trains_data_parallel_with_keras_own_distribution_and_resumes(tmp_path):
-    """201 training images: the epoch's last batch, 73, is cut to 72 for two devices; a test
-    set of 61 cannot split, and is refused in one line."""
+    """201 training images: the epoch's last batch, 73, is cut to 72 for two devices; a
+    one-device run resumes on two; a test set of 61 cannot split, and is refused in one line."""
     data = write_dataset(tmp_path / "data", n_train=201, n_test=60)
-    flags = ["--data-dir", data, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    env = {"KERAS_BACKEND": "jax"}
-    run(["sample_keras.py", *flags, "--out-dir", one], env)
-    two_devices = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    stdout = run(["-c", ON_TWO_JAX_DEVICES, *flags, "--out-dir", two], two_devices)
-    assert "cpu:0, cpu:1, data-parallel" in stdout
-    assert stdout.count("weights on 2 devices, batches split ('batch', None)") == 2
-    same_training(one, two)
-    run(["sample_keras.py", "--resume", "--epochs", "3", "--out-dir", one], two_devices)
-    assert [r["epoch"] for r in history(one)] == [1, 2, 3]
     odd = write_dataset(tmp_path / "odd", n_train=201, n_test=61)
-    result = run_script(ROOT / "sample_keras.py", *flags, "--data-dir", odd, "--out-dir",
-                        tmp_path / "odd-run", env=two_devices)
-    assert result.returncode == 1
+    flags = ["--data-dir", data, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run(["sample_keras.py", *flags, "--out-dir", one], {"KERAS_BACKEND": "jax"})
+    shutil.copytree(one, resumed)
+    commands = [[*flags, "--out-dir", two], ["--resume", "--epochs", "3", "--out-dir", resumed],
+                [*flags, "--data-dir", odd, "--out-dir", tmp_path / "odd-run"]]
+    lines = [shlex.join(map(str, command)) for command in commands]
+    result = run(["-c", ON_TWO_JAX_DEVICES, *lines], status=1, env={
+        "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result.stdout.count("cpu:0, cpu:1, data-parallel") == 3
+    assert result.stdout.count("weights on 2 devices, batches split ('batch', None)") == 3
+    same_training(one, two)
+    assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
     assert "the 61 test images do not split evenly over 2" in one_error_line(result.stderr)
