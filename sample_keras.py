@@ -4,11 +4,11 @@ q(z|x) = N(z_mean(x), diag(exp(z_log_var(x)))) encodes, p(x|z) decodes (a Bernou
 from logits), p(z) = N(0, I). Training minimises -ELBO = reconstruction_loss + kl_loss, in nats
 per image, at z = z_mean + exp(z_log_var / 2) * eps; then the importance-weighted bound on
 -log p(x) is reported. --iwae k trains on that bound, --conditional on labels (see the README).
-Backend-agnostic Keras 3: KERAS_BACKEND=tensorflow (the default), jax or torch.
 
 Run, with the results in --out-dir (default outputs/keras) and every flag in --help:
     python3 sample_keras.py                            # MNIST from data/mnist.npz, 20 epochs
     python3 sample_keras.py --resume --epochs 30       # ten more epochs of that run
+    KERAS_BACKEND=jax python3 sample_keras.py          # or torch; TensorFlow by default
 """
 
 import argparse
@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import signal
 import sys
@@ -27,7 +26,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices at start-up
 os.environ.setdefault("GOMP_SPINCOUNT", "300")  # the torch backend, see sample_pytorch.py
-NOTICES = re.compile(r"absl::InitializeLog|\] oneDNN custom operations|\] Could not find cuda")
+NOTICES = ("absl::InitializeLog", "] oneDNN custom operations", "] Could not find cuda")
 
 
 @contextlib.contextmanager
@@ -42,7 +41,7 @@ def tensorflow_notices_dropped():
             os.dup2(stderr, 2)
             os.close(stderr)
             caught.seek(0)
-            sys.stderr.write("".join(line for line in caught if not NOTICES.search(line)))
+            sys.stderr.writelines(line for line in caught if not any(n in line for n in NOTICES))
 
 
 with tensorflow_notices_dropped():  # on TensorFlow's backend; else new_model(), save_checkpoint()
@@ -56,7 +55,6 @@ from tqdm import tqdm  # noqa: E402
 FRAMEWORK, CHECKPOINT = "keras", "checkpoint.keras"
 
 # Model: the encoder q(z|x), the reparameterization, the decoder p(x|z) ------------------------
-
 HIDDEN = 256  # width of the fully connected layer next to z, in both architectures
 
 
@@ -104,14 +102,6 @@ def pixels(x):
     return ops.take(table, ops.cast(x, "int32"), axis=0) if ops.dtype(x) == "uint8" else x
 
 
-def check_labels(y, num_classes):
-    """A conditional model's y: given, and if numpy or a list, integers 0 to num_classes - 1."""
-    plain = isinstance(y, (np.ndarray, list, tuple, int))
-    if y is None or plain and not np.isin(y, range(num_classes)).all():
-        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1}"
-                         ", one per image")
-
-
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
     """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training."""
@@ -119,9 +109,8 @@ class VAE(keras.Model):
     def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1, training_state=None,
                  **kwargs):
         super().__init__(**kwargs)
-        self.arch, self.latent_dim, self.num_classes, self.samples = (arch, latent_dim,
-                                                                      num_classes, samples)
-        self.training_state = training_state  # the flags and the history, saved in the config
+        self.latent_dim, self.num_classes, self.samples = latent_dim, num_classes, samples
+        self.arch, self.training_state = arch, training_state  # flags and history, in get_config
         self.encoder = build_encoder(arch)
         self.z_mean = layers.Dense(latent_dim, **init(HIDDEN + num_classes))
         self.z_log_var = layers.Dense(latent_dim, **init(HIDDEN + num_classes))
@@ -136,7 +125,10 @@ class VAE(keras.Model):
         """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
         if not self.num_classes:
             return h
-        check_labels(y, self.num_classes)
+        plain = isinstance(y, (np.ndarray, list, tuple, int))  # a tensor is taken as it is
+        if y is None or plain and not np.isin(y, range(self.num_classes)).all():
+            raise ValueError("the model is conditional: y must be integer labels 0-"
+                             f"{self.num_classes - 1}, one per image")
         one_hot = ops.one_hot(ops.cast(y, "int32"), self.num_classes, dtype=h.dtype)
         shape = (*ops.shape(h)[:-1], self.num_classes)
         return ops.concatenate([h, ops.broadcast_to(one_hot, shape)], -1)
@@ -186,7 +178,6 @@ class VAE(keras.Model):
 
 
 # Loss: the two terms of -ELBO, and the importance-weighted bound ------------------------------
-
 def negative_elbo(x, logits, z_mean, z_log_var):
     """Per-image (reconstruction_loss, kl_loss) in nats, of logits (N or K, N, 784)."""
     reconstruction_loss = ops.sum(ops.binary_crossentropy(
@@ -231,7 +222,6 @@ def label_marginal_nll(model, x, eps):
 
 
 # Training and evaluation (from kl_weight on, the same text in both scripts) -------------------
-
 def epoch_inputs(train, args, epoch, replicas=1):
     """fit()'s [images, labels] in epoch_order(), a multiple of the replicas, made binary."""
     order = epoch_order(args, epoch, len(train[0]))
@@ -311,13 +301,12 @@ def epoch_record(args, history, losses, z_mean, seconds):
         terms = {key: losses[split][key] for key in ("reconstruction_loss", "kl_loss")}
         record.update({f"{split}_loss": sum(terms.values()),  # the true -ELBO
                        **{f"{split}_{key}": value for key, value in terms.items()}})
-    record.update(train_objective=train["loss"], active_units=active_units(z_mean),
-                  seconds=seconds)
+    record.update(train_objective=train["loss"], active_units=active_units(z_mean), seconds=seconds)
     iwae = f" (IWAE bound, k={args.iwae}: {train['loss']:.2f})" if args.iwae > 1 else ""
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
           f"{record['test_loss']:.2f} (rec {test['reconstruction_loss']:.2f} + kl "
-          f"{test['kl_loss']:.2f})  "
-          f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
+          f"{test['kl_loss']:.2f})  {record['active_units']} active units  {seconds:.1f} s",
+          flush=True)
     if record["active_units"] == 0 and not args.steps_per_epoch:  # a few steps mean nothing
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
               file=sys.stderr, flush=True)
@@ -325,7 +314,6 @@ def epoch_record(args, history, losses, z_mean, seconds):
 
 
 # Data (the same text in both scripts, but download) -------------------------------------------
-
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # mnist.npz
 CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                "fashion_mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -421,7 +409,6 @@ def download(dataset):
 
 
 # Figures (the same text in both scripts) ------------------------------------------------------
-
 def save_figures(args, history, test, z_mean, decode):
     """The six pictures, from the test set, its z_mean and decode(z, y) (numpy in, out)."""
     (x, labels), names = test, CLASS_NAMES[args.dataset]
@@ -473,10 +460,9 @@ def save_latent_plots(args, z_mean, labels, decode):
     ax.figure.savefig(os.path.join(args.out_dir, "latent_space.png"))
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
     first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
-    grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
+    grid = np.float32(np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1]))
     title = "decoder means on a grid of z" + (", label 0" if args.conditional else "")
-    ax = mosaic(decode(grid.astype(np.float32), np.zeros(400, int)), 20, title,
-                extent=(-2, 2, -2, 2))
+    ax = mosaic(decode(grid, np.zeros(400, int)), 20, title, extent=(-2, 2, -2, 2))
     ax.set(xlabel=axes[0], ylabel=axes[1])
     ax.figure.savefig(os.path.join(args.out_dir, "latent_manifold.png"))
 
@@ -505,8 +491,7 @@ def save_training_curves(path, history):
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
             ax.plot(range(1, len(history) + 1), values, style, label=label,
                     marker="" if len(history) > 50 else ".")  # one epoch: one dot
-        ax.set(title=title, xlabel="epoch", ylabel="nats per image",
-               xlim=(0.5, len(history) + 0.5))
+        ax.set(title=title, xlabel="epoch", ylabel="nats per image", xlim=(0.5, len(history) + 0.5))
         ax.locator_params(axis="x", nbins=10, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1)
         ax.legend()
         ax.grid(alpha=0.3)
@@ -515,7 +500,6 @@ def save_training_curves(path, history):
 
 
 # Checkpoint, resume and devices (from resume_flags on, the same text in both) -----------------
-
 def new_model(args):
     """A fresh VAE and its Adam, built now (in fit(), TensorFlow would trace twice)."""
     with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
@@ -610,7 +594,6 @@ def write_metrics(args, run, history, iw_nll):
 
 
 # Command line and errors (the same text in both scripts) --------------------------------------
-
 class UserError(Exception):
     """A mistake the user can fix: main() prints it as one line and exits with status 1."""
 
@@ -677,8 +660,8 @@ def parse_args(argv=None):
     for name, low in lowest.items():
         value = getattr(args, name)
         if value is not None and not value >= low:  # nan too
-            parser.error(f"argument --{name.replace('_', '-')}: must be at least {low}, got "
-                         f"{value}")
+            parser.error(f"argument --{name.replace('_', '-')}: must be at least {low}, "
+                         f"got {value}")
     if not 0 < args.lr < math.inf:
         parser.error(f"argument --lr: must be above 0, got {args.lr}")
     if not 0 < args.lr_decay <= 1:
@@ -691,7 +674,6 @@ def parse_args(argv=None):
 
 
 # main -----------------------------------------------------------------------------------------
-
 def main(argv=None):
     args, given = parse_args(argv)
     history = []  # the epochs done, as a stop reports them

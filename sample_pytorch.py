@@ -39,7 +39,6 @@ from tqdm import tqdm  # noqa: E402
 FRAMEWORK, CHECKPOINT = "pytorch", "checkpoint.pt"
 
 # Model: the encoder q(z|x), the reparameterization, the decoder p(x|z) ------------------------
-
 HIDDEN = 256  # width of the fully connected layer next to z, in both architectures
 
 
@@ -72,14 +71,6 @@ def reparameterize(z_mean, z_log_var, eps):
     return z_mean + torch.exp(0.5 * z_log_var) * eps
 
 
-def check_labels(y, num_classes):
-    """A conditional model's y: given, and if numpy or a list, integers 0 to num_classes - 1."""
-    plain = isinstance(y, (np.ndarray, list, tuple, int))
-    if y is None or plain and not np.isin(y, range(num_classes)).all():
-        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1}"
-                         ", one per image")
-
-
 class VAE(nn.Module):
     """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training."""
 
@@ -95,7 +86,10 @@ class VAE(nn.Module):
         """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
         if not self.num_classes:
             return h
-        check_labels(y, self.num_classes)
+        plain = isinstance(y, (np.ndarray, list, tuple, int))  # a tensor is taken as it is
+        if y is None or plain and not np.isin(y, range(self.num_classes)).all():
+            raise ValueError("the model is conditional: y must be integer labels 0-"
+                             f"{self.num_classes - 1}, one per image")
         one_hot = F.one_hot(torch.as_tensor(y, device=h.device).long(), self.num_classes)
         return torch.cat([h, one_hot.to(h.dtype).expand(*h.shape[:-1], -1)], -1)
 
@@ -123,7 +117,6 @@ class VAE(nn.Module):
 
 
 # Loss: the two terms of -ELBO, and the importance-weighted bound ------------------------------
-
 def negative_elbo(x, logits, z_mean, z_log_var):
     """Per-image (reconstruction_loss, kl_loss) in nats, of logits (N or K, N, 784)."""
     reconstruction_loss = F.binary_cross_entropy_with_logits(
@@ -169,7 +162,6 @@ def label_marginal_nll(model, x, eps):
 
 
 # Training and evaluation (from kl_weight on, the same text in both scripts) -------------------
-
 def train_epoch(model, optimizer, batches, kl_weight, binarizer=None):
     """One pass of Adam over (x, y) batches (pixels drawn binary by `binarizer`): sums."""
     model.train()
@@ -280,13 +272,12 @@ def epoch_record(args, history, losses, z_mean, seconds):
         terms = {key: losses[split][key] for key in ("reconstruction_loss", "kl_loss")}
         record.update({f"{split}_loss": sum(terms.values()),  # the true -ELBO
                        **{f"{split}_{key}": value for key, value in terms.items()}})
-    record.update(train_objective=train["loss"], active_units=active_units(z_mean),
-                  seconds=seconds)
+    record.update(train_objective=train["loss"], active_units=active_units(z_mean), seconds=seconds)
     iwae = f" (IWAE bound, k={args.iwae}: {train['loss']:.2f})" if args.iwae > 1 else ""
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
           f"{record['test_loss']:.2f} (rec {test['reconstruction_loss']:.2f} + kl "
-          f"{test['kl_loss']:.2f})  "
-          f"{record['active_units']} active units  {seconds:.1f} s", flush=True)
+          f"{test['kl_loss']:.2f})  {record['active_units']} active units  {seconds:.1f} s",
+          flush=True)
     if record["active_units"] == 0 and not args.steps_per_epoch:  # a few steps mean nothing
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
               file=sys.stderr, flush=True)
@@ -294,7 +285,6 @@ def epoch_record(args, history, losses, z_mean, seconds):
 
 
 # Data (the same text in both scripts, but download) -------------------------------------------
-
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # mnist.npz
 CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                "fashion_mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -395,7 +385,6 @@ def download(dataset):
 
 
 # Figures (the same text in both scripts) ------------------------------------------------------
-
 def save_figures(args, history, test, z_mean, decode):
     """The six pictures, from the test set, its z_mean and decode(z, y) (numpy in, out)."""
     (x, labels), names = test, CLASS_NAMES[args.dataset]
@@ -447,10 +436,9 @@ def save_latent_plots(args, z_mean, labels, decode):
     ax.figure.savefig(os.path.join(args.out_dir, "latent_space.png"))
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
     first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
-    grid = np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1])
+    grid = np.float32(np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1]))
     title = "decoder means on a grid of z" + (", label 0" if args.conditional else "")
-    ax = mosaic(decode(grid.astype(np.float32), np.zeros(400, int)), 20, title,
-                extent=(-2, 2, -2, 2))
+    ax = mosaic(decode(grid, np.zeros(400, int)), 20, title, extent=(-2, 2, -2, 2))
     ax.set(xlabel=axes[0], ylabel=axes[1])
     ax.figure.savefig(os.path.join(args.out_dir, "latent_manifold.png"))
 
@@ -479,8 +467,7 @@ def save_training_curves(path, history):
         for values, style, label in zip(curves, ("-", "--"), ("train", "test")):
             ax.plot(range(1, len(history) + 1), values, style, label=label,
                     marker="" if len(history) > 50 else ".")  # one epoch: one dot
-        ax.set(title=title, xlabel="epoch", ylabel="nats per image",
-               xlim=(0.5, len(history) + 0.5))
+        ax.set(title=title, xlabel="epoch", ylabel="nats per image", xlim=(0.5, len(history) + 0.5))
         ax.locator_params(axis="x", nbins=10, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1)
         ax.legend()
         ax.grid(alpha=0.3)
@@ -489,7 +476,6 @@ def save_training_curves(path, history):
 
 
 # Checkpoint, resume and devices (from resume_flags on, the same text in both) -----------------
-
 def save_checkpoint(path, model, optimizer, args, history):
     """Weights, Adam, flags and history, renamed into place: a kill never leaves half a file."""
     torch.save({"config": vars(args), "history": history, "model": model.state_dict(),
@@ -572,7 +558,6 @@ def write_metrics(args, run, history, iw_nll):
 
 
 # Command line and errors (the same text in both scripts) --------------------------------------
-
 class UserError(Exception):
     """A mistake the user can fix: main() prints it as one line and exits with status 1."""
 
@@ -639,8 +624,8 @@ def parse_args(argv=None):
     for name, low in lowest.items():
         value = getattr(args, name)
         if value is not None and not value >= low:  # nan too
-            parser.error(f"argument --{name.replace('_', '-')}: must be at least {low}, got "
-                         f"{value}")
+            parser.error(f"argument --{name.replace('_', '-')}: must be at least {low}, "
+                         f"got {value}")
     if not 0 < args.lr < math.inf:
         parser.error(f"argument --lr: must be above 0, got {args.lr}")
     if not 0 < args.lr_decay <= 1:
@@ -653,7 +638,6 @@ def parse_args(argv=None):
 
 
 # main -----------------------------------------------------------------------------------------
-
 def main(argv=None):
     args, given = parse_args(argv)
     history = []  # the epochs done, as a stop reports them
