@@ -102,6 +102,14 @@ def pixels(x):
     return ops.take(table, ops.cast(x, "int32"), axis=0) if ops.dtype(x) == "uint8" else x
 
 
+def check_labels(y, num_classes):
+    """A conditional model's y: given, and if numpy or a list, integers 0 to num_classes - 1."""
+    plain = isinstance(y, (np.ndarray, list, tuple, int))
+    if y is None or plain and not np.isin(y, range(num_classes)).all():
+        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1}"
+                         ", one per image")
+
+
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
     """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training."""
@@ -125,10 +133,7 @@ class VAE(keras.Model):
         """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
         if not self.num_classes:
             return h
-        plain = isinstance(y, (np.ndarray, list, tuple, int))  # a tensor is taken as it is
-        if y is None or plain and not np.isin(y, range(self.num_classes)).all():
-            raise ValueError("the model is conditional: y must be integer labels 0-"
-                             f"{self.num_classes - 1}, one per image")
+        check_labels(y, self.num_classes)
         one_hot = ops.one_hot(ops.cast(y, "int32"), self.num_classes, dtype=h.dtype)
         shape = (*ops.shape(h)[:-1], self.num_classes)
         return ops.concatenate([h, ops.broadcast_to(one_hot, shape)], -1)

@@ -71,6 +71,14 @@ def reparameterize(z_mean, z_log_var, eps):
     return z_mean + torch.exp(0.5 * z_log_var) * eps
 
 
+def check_labels(y, num_classes):
+    """A conditional model's y: given, and if numpy or a list, integers 0 to num_classes - 1."""
+    plain = isinstance(y, (np.ndarray, list, tuple, int))
+    if y is None or plain and not np.isin(y, range(num_classes)).all():
+        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1}"
+                         ", one per image")
+
+
 class VAE(nn.Module):
     """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training."""
 
@@ -86,10 +94,7 @@ class VAE(nn.Module):
         """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
         if not self.num_classes:
             return h
-        plain = isinstance(y, (np.ndarray, list, tuple, int))  # a tensor is taken as it is
-        if y is None or plain and not np.isin(y, range(self.num_classes)).all():
-            raise ValueError("the model is conditional: y must be integer labels 0-"
-                             f"{self.num_classes - 1}, one per image")
+        check_labels(y, self.num_classes)
         one_hot = F.one_hot(torch.as_tensor(y, device=h.device).long(), self.num_classes)
         return torch.cat([h, one_hot.to(h.dtype).expand(*h.shape[:-1], -1)], -1)
 
