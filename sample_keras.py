@@ -23,9 +23,12 @@ import signal
 import sys
 import tempfile
 import time
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices at start-up
-os.environ.setdefault("GOMP_SPINCOUNT", "300")  # the torch backend, see sample_pytorch.py
+# The torch backend's OpenMP threads spin 300,000 turns before they sleep, which beside other
+# busy processes slows an epoch several times; 300 cost an idle machine nothing.
+os.environ.setdefault("GOMP_SPINCOUNT", "300")
 NOTICES = ("absl::InitializeLog", "] oneDNN custom operations", "] Could not find cuda")
 
 
@@ -102,17 +105,22 @@ def pixels(x):
     return ops.take(table, ops.cast(x, "int32"), axis=0) if ops.dtype(x) == "uint8" else x
 
 
-def check_labels(y, num_classes):
-    """A conditional model's y: given, and if numpy or a list, integers 0 to num_classes - 1."""
-    plain = isinstance(y, (np.ndarray, list, tuple, int))
-    if y is None or plain and not np.isin(y, range(num_classes)).all():
-        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1}"
-                         ", one per image")
+def check_labels(y, rows, num_classes):
+    """A conditional model's labels y as numpy: integers 0 to num_classes - 1, one for each of
+    the rows of x or z, or one for them all; else a ValueError that says what y is."""
+    labels = np.asarray(y)
+    wrong = labels if labels.dtype == bool else labels[~np.isin(labels, range(num_classes))]
+    if wrong.size or labels.shape not in ((), (rows,)):  # fractions, strings and None too
+        found = f"holds {wrong.flat[0]}" if wrong.size else f"has shape {labels.shape}"
+        raise ValueError(f"the model is conditional: y must be integer labels 0-{num_classes - 1},"
+                         f" one per row of the {rows} or one for all; y {found}")
+    return np.broadcast_to(labels, (rows,)).astype(np.int64)
 
 
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
-    """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training."""
+    """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training. encode
+    and decode check a conditional model's y: labels 0-9, one per row or one for every row."""
 
     def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1, training_state=None,
                  **kwargs):
@@ -133,30 +141,37 @@ class VAE(keras.Model):
         """h (..., N, features) with the one-hot labels y (N,) joined, if the model has labels."""
         if not self.num_classes:
             return h
-        check_labels(y, self.num_classes)
         one_hot = ops.one_hot(ops.cast(y, "int32"), self.num_classes, dtype=h.dtype)
         shape = (*ops.shape(h)[:-1], self.num_classes)
         return ops.concatenate([h, ops.broadcast_to(one_hot, shape)], -1)
 
+    def checked(self, y, rows):
+        """A user's labels, of any array type, through check_labels; None for a model without."""
+        if self.num_classes:
+            return check_labels(ops.convert_to_numpy(y) if ops.is_tensor(y) else y, rows,
+                                self.num_classes)
+
     def encode(self, x, y=None):
         """Images x (N, 784) -> (z_mean, z_log_var) of q(z|x), each (N, latent_dim)."""
-        features = self.with_label(self.encoder(x), y)
+        features = self.with_label(self.encoder(x), self.checked(y, ops.shape(x)[0]))
         return self.z_mean(features), self.z_log_var(features)
 
     def decode_logits(self, z, y=None):
-        """z (..., N, latent_dim) -> the pixels' logits (..., N, 784), in one batch."""
+        """z (..., N, latent_dim) -> the pixels' logits (..., N, 784), in one batch; y unchecked."""
         z = self.with_label(z, y)
         logits = self.decoder(ops.reshape(z, (-1, ops.shape(z)[-1])))
         return ops.reshape(logits, (*ops.shape(z)[:-1], 784))
 
     def decode(self, z, y=None):
         """z (N, latent_dim) -> p(x|z)'s pixel means (N, 784), the sigmoid of the logits."""
-        return ops.sigmoid(self.decode_logits(z, y))
+        return ops.sigmoid(self.decode_logits(z, self.checked(y, ops.shape(z)[-2])))
 
     def call(self, inputs, training=False):
-        """[x, y] -> (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x)."""
+        """fit()'s pass on [x, y], y as load_data checked it (a compiled step cannot read it):
+        (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x)."""
         x, y = pixels(inputs[0]), inputs[1]
-        z_mean, z_log_var = self.encode(x, y)
+        features = self.with_label(self.encoder(x), y)
+        z_mean, z_log_var = self.z_mean(features), self.z_log_var(features)
         samples = self.samples if training else 1
         eps = keras.random.normal((samples, *ops.shape(z_mean)), seed=self.seed_generator)
         logits = self.decode_logits(reparameterize(z_mean, z_log_var, eps), y)
@@ -226,53 +241,52 @@ def label_marginal_nll(model, x, eps):
     return math.log(model.num_classes) - ops.logsumexp(-nll, axis=0)
 
 
-# Training and evaluation (from kl_weight on, the same text in both scripts) -------------------
-def epoch_inputs(train, args, epoch, replicas=1):
+# Training and evaluation (from kl_schedule on, the same text in both scripts) -----------------
+def epoch_inputs(train_set, args, epoch, replicas=1):
     """fit()'s [images, labels] in epoch_order(), a multiple of the replicas, made binary."""
-    order = epoch_order(args, epoch, len(train[0]))
+    order = epoch_order(args, epoch, len(train_set[0]))
     order = order[:len(order) // replicas * replicas]
-    x = train[0][order]
+    x = train_set[0][order]
     if args.binarize == "dynamic":
         x = binarize(x, stream_seed(args, "pixels", epoch))
-    return [x, train[1][order]]
+    return [x, train_set[1][order]]
 
 
 def train(model, optimizer, data, args, history):
-    """Train epochs len(history) + 1 to --epochs on data, each evaluated and checkpointed."""
-    mesh = keras.distribution.distribution()
-    replicas = mesh.device_mesh.devices.size if mesh else 1  # DataParallel needs even batches
-    if len(data[2]) % replicas:
-        raise UserError(f"the {len(data[2])} test images do not split evenly over {replicas} "
-                        "data-parallel devices; make fewer visible (CUDA_VISIBLE_DEVICES)")
+    """Train epochs len(history) + 1 to --epochs on data = (train_set, test_set), each epoch
+    evaluated and checkpointed."""
+    train_set, test_set = data
+    replicas = data_parallel_devices()  # whose batches must split evenly
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
         model.seed_generator.state.assign([stream_seed(args, "noise", epoch), 0])  # eps: resumable
-        model.kl_weight.assign(kl_weight(args, epoch))
+        model.kl_weight.assign(kl_schedule(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
-        logs = model.fit(epoch_inputs(data[:2], args, epoch, replicas),
+        logs = model.fit(epoch_inputs(train_set, args, epoch, replicas),
                          batch_size=args.batch_size, shuffle=False, verbose=0).history
-        scores = model.evaluate(list(data[2:]), batch_size=EVAL_BATCH_SIZE // replicas * replicas,
+        scores = model.evaluate(list(test_set), batch_size=EVAL_BATCH_SIZE // replicas * replicas,
                                 verbose=0, return_dict=True)
         losses = {"train": {key: value[0] for key, value in logs.items()}, "test": scores}
-        record = epoch_record(args, history, losses, posterior_means(model, data[2:]),
+        record = epoch_record(args, history, losses, posterior_means(model, test_set),
                               time.perf_counter() - start)
         save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, args, history + [record])
         history.append(record)  # once saved: a stop reports what the checkpoint holds
 
 
-def posterior_means(model, test):
+def posterior_means(model, test_set):
     """Every test image's z_mean (numpy), encoded in batches."""
-    batches = (np.array_split(a, range(EVAL_BATCH_SIZE, len(a), EVAL_BATCH_SIZE)) for a in test)
+    batches = (np.array_split(a, range(EVAL_BATCH_SIZE, len(a), EVAL_BATCH_SIZE))
+               for a in test_set)
     return np.concatenate([ops.convert_to_numpy(model.encode(pixels(x), y)[0])
                            for x, y in zip(*batches)])
 
 
-def iw_bound(model, test, num_samples, seed):
+def iw_bound(model, test_set, num_samples, seed):
     """The test set's mean bound on -log p(x) (and on -log p(x|y)), from its own seed."""
     generator = keras.random.SeedGenerator(seed)
     images, totals = max(1, IW_ROWS // num_samples), []
-    batches = (np.array_split(a, range(images, len(a), images)) for a in test)
-    print(f"the bound on -log p(x): K={num_samples} samples for {len(test[0])} test images...",
+    batches = (np.array_split(a, range(images, len(a), images)) for a in test_set)
+    print(f"the bound on -log p(x): K={num_samples} samples for {len(test_set[0])} test images...",
           flush=True)  # for logs: the progress bar below shows on a terminal only
     for x, y in tqdm(zip(*batches), leave=False, disable=None):
         x = x / np.float32(255)
@@ -281,10 +295,10 @@ def iw_bound(model, test, num_samples, seed):
         if model.num_classes:
             nll.append(label_marginal_nll(model, x, eps))
         totals.append(ops.convert_to_numpy(ops.stack(nll)).sum(1, dtype=np.float64))
-    return (np.sum(totals, 0) / len(test[0])).tolist()
+    return (np.sum(totals, 0) / len(test_set[0])).tolist()
 
 
-def kl_weight(args, epoch):
+def kl_schedule(args, epoch):
     """The KL term's weight in epoch `epoch` (from 1): from 0 up to --beta over the warm-up."""
     warmup = args.kl_warmup_epochs
     return args.beta * min(1.0, (epoch - 1) / warmup) if warmup else args.beta
@@ -297,8 +311,8 @@ def active_units(z_mean):
 
 def epoch_record(args, history, losses, z_mean, seconds):
     """The next epoch's history entry, printed; a NaN or infinite loss stops the run unsaved."""
-    epoch, train, test = len(history) + 1, losses["train"], losses["test"]
-    if not math.isfinite(sum(train.values())):
+    epoch, train_losses, test_losses = len(history) + 1, losses["train"], losses["test"]
+    if not math.isfinite(sum(train_losses.values())):
         raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
                         f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
@@ -306,11 +320,12 @@ def epoch_record(args, history, losses, z_mean, seconds):
         terms = {key: losses[split][key] for key in ("reconstruction_loss", "kl_loss")}
         record.update({f"{split}_loss": sum(terms.values()),  # the true -ELBO
                        **{f"{split}_{key}": value for key, value in terms.items()}})
-    record.update(train_objective=train["loss"], active_units=active_units(z_mean), seconds=seconds)
-    iwae = f" (IWAE bound, k={args.iwae}: {train['loss']:.2f})" if args.iwae > 1 else ""
+    record.update(train_objective=train_losses["loss"], active_units=active_units(z_mean),
+                  seconds=seconds)
+    iwae = f" (IWAE bound, k={args.iwae}: {train_losses['loss']:.2f})" if args.iwae > 1 else ""
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
-          f"{record['test_loss']:.2f} (rec {test['reconstruction_loss']:.2f} + kl "
-          f"{test['kl_loss']:.2f})  {record['active_units']} active units  {seconds:.1f} s",
+          f"{record['test_loss']:.2f} (rec {test_losses['reconstruction_loss']:.2f} + kl "
+          f"{test_losses['kl_loss']:.2f})  {record['active_units']} active units  {seconds:.1f} s",
           flush=True)
     if record["active_units"] == 0 and not args.steps_per_epoch:  # a few steps mean nothing
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
@@ -330,55 +345,72 @@ LAYOUT = ("x_train and x_test, uint8 of shape (N, 28, 28), N >= 20, and if there
           "y_train and y_test, N of them, in 0-9")
 SOURCES = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
            "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte")
+IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
 
 
 def load_data(args):
-    """(x_train, y_train, x_test, y_test): uint8 rows of 784, labels -1 if there are none."""
+    """(train_set, test_set), each (images as uint8 rows of 784, labels, -1 if there are none)."""
     folder = args.data_dir or DATA_DIR
     if args.data_dir or os.path.isfile(os.path.join(folder, f"{args.dataset}.npz")):
         path, arrays = read_data(folder, args.dataset)
     else:
         path, arrays = args.dataset, download(args.dataset)
     splits = []
-    for x, y in (arrays[:2], arrays[2:]):  # a VAE needs no labels
-        y = np.full(len(x), -1) if y is None and x is not None else y
-        if (x is None or x.dtype != np.uint8 or x.shape[1:] != (28, 28) or len(x) < 20
-                or y.shape != x.shape[:1] or not np.isin(y, range(-1, 10)).all()):
-            raise UserError(f"{path}: expected {LAYOUT}")
-        splits += [x.reshape(-1, 784), y.astype(np.int64)]
-    x_train, y_train, x_test, y_test = splits
+    for split in ("train", "test"):
+        x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
+        problem = layout_problem(split, x, y)
+        if problem:
+            raise UserError(f"{path}: {problem}; expected {LAYOUT}")
+        splits.append((x.reshape(-1, 784), np.full(len(x), -1) if y is None else y.astype(np.int64)))
+    (x_train, y_train), (x_test, y_test) = splits
     if args.conditional and min(y_train.min(), y_test.min()) < 0:
         raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
     if args.binarize == "static":
         x_train = binarize(x_train, seed=1234)
     if args.binarize != "none":
         x_test = binarize(x_test, seed=5678)  # the same pixels in every run
-    return x_train, y_train, x_test, y_test
+    return (x_train, y_train), (x_test, y_test)
+
+
+def layout_problem(split, x, y):
+    """What is wrong with a split's images x and labels y (None if it has none), in words."""
+    if x is None:
+        return f"x_{split} is missing"
+    if x.dtype != np.uint8 or x.shape[1:] != (28, 28):
+        return f"x_{split} is {x.dtype} of shape {x.shape}"
+    if len(x) < 20:
+        return f"x_{split} holds {len(x)} images"
+    if y is not None and y.shape != x.shape[:1]:
+        return f"y_{split} has shape {y.shape} for {len(x)} images"
+    wrong = [] if y is None else y[~np.isin(y, range(10))]
+    return f"y_{split} holds {wrong[0]}" if len(wrong) else None
 
 
 def read_data(path, dataset):
-    """(what was read, [x_train, y_train, x_test, y_test]) from an .npz or the IDX files."""
-    folder, npz = path, path if path.endswith(".npz") else os.path.join(path, f"{dataset}.npz")
+    """(what was read, {name: array}) from an .npz, or a folder of one or of the IDX files."""
+    if not os.path.exists(path):
+        raise UserError(f"--data-dir {path}: no such file or folder")
+    npz = path if os.path.isfile(path) else os.path.join(path, f"{dataset}.npz")
+    where, arrays = npz, {}
     try:
-        if npz == path or os.path.isfile(npz):
-            path = npz
+        if os.path.isfile(npz):
+            if not zipfile.is_zipfile(npz):  # numpy would suggest pickles for any other file
+                raise ValueError("not an .npz file, the zip archive that numpy.savez writes")
             with np.load(npz) as data:
-                return npz, [data.get(key) for key in ("x_train", "y_train", "x_test", "y_test")]
-        arrays = []
-        for name in IDX_FILES:
-            path = os.path.join(folder, name)
-            path = path + ".gz" if os.path.isfile(path + ".gz") else path
-            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-                data = bytearray(f.read())  # writable, as torch.from_numpy wants it
-            if data[:3] != b"\x00\x00\x08":
+                return npz, {key: data[key] for key in IDX_FILES if key in data}
+        for key, name in IDX_FILES.items():
+            where = os.path.join(path, name)
+            where = where + ".gz" if os.path.isfile(where + ".gz") else where
+            with (gzip.open if where.endswith(".gz") else open)(where, "rb") as f:
+                raw = bytearray(f.read())  # writable, as torch.from_numpy wants it
+            if raw[:3] != b"\x00\x00\x08":
                 raise ValueError("not an IDX file of bytes")
-            shape = np.frombuffer(data, ">u4", data[3], 4)
-            arrays.append(np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape))
-        return folder, arrays
+            shape = np.frombuffer(raw, ">u4", raw[3], 4)
+            arrays[key] = np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(shape)
+        return path, arrays
     except Exception as error:  # numpy, zipfile and gzip raise many types for a damaged file
-        raise UserError(f"{path}: cannot read it ({type(error).__name__}: {error}); --data-dir "
+        raise UserError(f"{where}: cannot read it ({type(error).__name__}: {error}); --data-dir "
                         f"takes a folder of {dataset}.npz or MNIST's four IDX files, or an .npz "
                         f"file of any name: {LAYOUT}")
 
@@ -402,48 +434,66 @@ def epoch_order(args, epoch, num_images):
 
 
 def download(dataset):
-    """The four arrays via keras.datasets, cached in ~/.keras/datasets (hash-checked)."""
+    """{name: array} via keras.datasets, cached in ~/.keras/datasets (hash-checked)."""
     try:
         (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, dataset).load_data()
     except Exception as error:  # no network, a proxy, a server down: all end the same way
         raise UserError(f"could not download {dataset} ({type(error).__name__}: "
                         f"{' '.join(str(error).split())}); without a network, fetch "
-                        f"{', '.join(f'{n}.gz' for n in IDX_FILES)} from {SOURCES[dataset]} into "
-                        "a folder DIR and pass --data-dir DIR")
-    return [x_train, y_train, x_test, y_test]
+                        f"{', '.join(f'{n}.gz' for n in IDX_FILES.values())} from "
+                        f"{SOURCES[dataset]} into a folder DIR and pass --data-dir DIR")
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
 # Figures (the same text in both scripts) ------------------------------------------------------
-def save_figures(args, history, test, z_mean, decode):
+def save_figures(args, history, test_set, z_mean, decode):
     """The six pictures, from the test set, its z_mean and decode(z, y) (numpy in, out)."""
-    (x, labels), names = test, CLASS_NAMES[args.dataset]
-    x, path = x / np.float32(255), lambda name: os.path.join(args.out_dir, name)
-    pixels = decode(z_mean[:20], labels[:20])
-    rows = np.concatenate([x[:10], pixels[:10], x[10:20], pixels[10:]])
-    mosaic(rows, 10, "test digits and their reconstructions (at z_mean)",
-           ["test digit", "reconstruction"] * 2).figure.savefig(path("reconstructions.png"))
+    x, labels = test_set[0] / np.float32(255), test_set[1]
+    decoded = decode(z_mean[:20], labels[:20])
+    rows = np.concatenate([x[:10], decoded[:10], x[10:20], decoded[10:]])
+    mosaic(rows, 10, "test images and their reconstructions (at z_mean)",
+           ["test image", "reconstruction"] * 2).figure.savefig(
+        os.path.join(args.out_dir, "reconstructions.png"))
     z = np.random.default_rng(stream_seed(args, "figures")).standard_normal(
         (100, args.latent_dim), np.float32)
     y, row_labels, title = None, (), "samples from the prior, z ~ N(0, I)"
     if args.conditional:  # z is the style, y the class: one row a label, one z a column
-        z, y, row_labels = np.tile(z[:10], (10, 1)), np.repeat(np.arange(10), 10), names
+        z, y, row_labels = np.tile(z[:10], (10, 1)), np.arange(100) // 10, CLASS_NAMES[args.dataset]
         title += ": a row per label y, the same z down each column"
-    mosaic(decode(z, y), 10, title, row_labels).figure.savefig(path("samples.png"))
-    # From the first digit k to the first k + 1 (conditional: the next k; no labels: #k to #k+8).
-    starts, ends, labelled = np.arange(8), np.arange(8, 16), labels.min() >= 0
-    if labelled:
-        starts = np.array([np.argmax(labels == k) for k in range(8)])
-        ends = np.array([np.flatnonzero(labels == k)[1] if args.conditional else
-                         np.argmax(labels == k + 1) for k in range(8)])
-    line = np.linspace(z_mean[starts], z_mean[ends], 10, axis=1, dtype=np.float32)  # (8, 10, d)
-    pixels = decode(line.reshape(80, -1), np.repeat(labels[starts], 10)).reshape(8, 10, 784)
-    rows = np.concatenate([x[starts, None], pixels, x[ends, None]], 1)
-    mosaic(rows.reshape(-1, 784), 12, "real digit | decoder along a straight line between "
-           "their z_mean | real digit", [f"{names[labels[a]]} to {names[labels[b]]}" if labelled
-                                         else f"#{a} to #{b}" for a, b in zip(starts, ends)]
-           ).figure.savefig(path("interpolation.png"))
+    mosaic(decode(z, y), 10, title, row_labels).figure.savefig(
+        os.path.join(args.out_dir, "samples.png"))
+    save_interpolation(args, (x, labels), z_mean, decode)
     save_latent_plots(args, z_mean, labels, decode)
-    save_training_curves(path("training_curves.png"), history)
+    save_training_curves(os.path.join(args.out_dir, "training_curves.png"), history)
+
+
+def save_interpolation(args, test_set, z_mean, decode):
+    """interpolation.png: pairs of test images, from interpolation_ends, and the decoder at ten
+    points of the straight line between their z_mean."""
+    (x, labels), names = test_set, CLASS_NAMES[args.dataset]
+    starts, ends = interpolation_ends(labels, args.conditional)
+    line = np.linspace(z_mean[starts], z_mean[ends], 10, axis=1, dtype=np.float32)  # (pairs, 10, d)
+    decoded = decode(line.reshape(-1, args.latent_dim), np.repeat(labels[starts], 10))
+    rows = np.concatenate([x[starts, None], decoded.reshape(-1, 10, 784), x[ends, None]], 1)
+    row_labels = [f"#{a} to #{b}" if labels[a] < 0 else f"{names[labels[a]]} to {names[labels[b]]}"
+                  for a, b in zip(starts, ends)]
+    mosaic(rows.reshape(-1, 784), 12, "test image | decoder along a straight line between their "
+           "z_mean | test image", row_labels).figure.savefig(
+        os.path.join(args.out_dir, "interpolation.png"))
+
+
+def interpolation_ends(labels, conditional, pairs=8):
+    """(starts, ends): the first test image of each class present and of the next one; a class's
+    first two where the decoder holds one label (--conditional) or there is one class; without
+    labels, images 0-7 and 8-15."""
+    if labels.min() < 0:
+        return np.arange(pairs), np.arange(pairs, 2 * pairs)
+    members = [np.flatnonzero(labels == k) for k in np.unique(labels)]
+    if conditional or len(members) == 1:
+        ends = [(first[0], first[1]) for first in members if len(first) > 1]
+    else:
+        ends = [(a[0], b[0]) for a, b in zip(members, members[1:])]
+    return tuple(np.array(ends[:pairs]).T)
 
 
 def save_latent_plots(args, z_mean, labels, decode):
@@ -457,8 +507,8 @@ def save_latent_plots(args, z_mean, labels, decode):
     colours = dict(c=labels[order], cmap="tab10", vmin=-0.5, vmax=9.5) if labels.min() >= 0 else {}
     points = ax.scatter(*(z_mean[order] @ directions).T, s=2, alpha=0.5, **colours)
     if colours:
-        ax.legend(points.legend_elements()[0], [CLASS_NAMES[args.dataset][k] for k in
-                                                np.unique(labels)], title="label",
+        ax.legend(points.legend_elements(num=None)[0], [CLASS_NAMES[args.dataset][k] for k in
+                                                         np.unique(labels)], title="label",
                   loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set(xlabel=axes[0], ylabel=axes[1], title="posterior means z_mean of the test set")
     ax.set_aspect("equal", adjustable="datalim")
@@ -558,8 +608,16 @@ def distribution(args):
     return names, tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
 
 
+def data_parallel_devices():
+    """The devices over which JAX's DataParallel splits each batch, which must split evenly."""
+    parallel = keras.distribution.distribution()
+    return parallel.device_mesh.devices.size if parallel else 1
+
+
 def resume_flags(args, given, saved):
     """--resume takes the checkpoint's flags (five may change); a fresh run never overwrites."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} is a file; name a folder for the results")
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
     if not args.resume:
         if saved:  # finished or not, a run is never written over
@@ -576,22 +634,24 @@ def resume_flags(args, given, saved):
                             f"{saved['config'].get(name)}; a resumed run may change only "
                             "--epochs, --iw-samples, --device, --lr and --data-dir")
     # --epochs up to those done: no training, the figures and bound redrawn
-    vars(args).update({k: v for k, v in saved["config"].items() if k not in given})
+    # Not out_dir: a run moved to another folder goes on there.
+    vars(args).update({k: v for k, v in saved["config"].items() if k not in given | {"out_dir"}})
     args.epochs = max(args.epochs, done)
 
 
 def write_metrics(args, run, history, iw_nll):
-    """metrics.json, renamed into place once whole; iw_nll: the bounds, as iw_bound gives."""
+    """metrics.json, renamed into place once whole; iw_nll: the bounds, as iw_bound gives them."""
     test = {key[5:]: value for key, value in history[-1].items() if key.startswith("test_")}
-    bounds = dict(zip(["-log p(x|y)"] * args.conditional + ["-log p(x)"], iw_nll))
-    objective = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
+    names = ["-log p(x|y)", "-log p(x)"] if args.conditional else ["-log p(x)"]
+    bounds = dict(zip(names, iw_nll, strict=True))
+    trained_on = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
     run["versions"].update(python=platform.python_version(), numpy=np.__version__,
                            matplotlib=matplotlib.__version__)
     path = os.path.join(args.out_dir, "metrics.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({**run, "objective": objective, "config": vars(args), "history": history,
-                   "test": {**test, "iw_nll": iw_nll[0], "iw_bounds": bounds,
-                            "iw_samples": args.iw_samples}}, f, indent=2)
+        json.dump({**run, "objective": trained_on, "config": vars(args), "history": history,
+                   "test": {**test, "iw_bounds": bounds, "iw_samples": args.iw_samples}}, f,
+                  indent=2)
     os.replace(path + ".tmp", path)
     print(f"importance-weighted bound, K={args.iw_samples}: " + ", ".join(
         f"{name} <= {value:.2f}" for name, value in bounds.items()) + " nats per image; test "
@@ -618,9 +678,9 @@ def one_line_errors(args, history):
         message, code = f"stopped {where}; " + (
             f"{CHECKPOINT} keeps epoch {len(history)}: continue with: {shlex.join(resume)}"
             if history else "nothing was saved yet: run the command again"), 130
-    except OSError as error:  # a full disk, say: the checkpoint and metrics.json stay whole
+    except OSError as error:  # a full disk, say: each file is written whole or not at all
         message, code = (f"cannot write {error.filename or args.out_dir} ({error.strerror}); "
-                         "the checkpoint and metrics.json there are whole"), 1
+                         "what was written there before is whole"), 1
     print(f"sample_{FRAMEWORK}.py: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -688,26 +748,29 @@ def main(argv=None):
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
             resume_flags(args, given, saved)
-            data = load_data(args)  # x_train, y_train, x_test, y_test
+            train_set, test_set = load_data(args)
+            history.extend(saved["history"] if args.resume else [])
+            if len(test_set[0]) % data_parallel_devices() and len(history) < args.epochs:
+                raise UserError(f"the {len(test_set[0])} test images do not split evenly over "
+                                f"{len(names)} data-parallel devices; make fewer visible")
             os.makedirs(args.out_dir, exist_ok=True)
             if args.resume:
-                history.extend(saved["history"])
                 print(f"resuming after epoch {len(history)} of {path}")
                 optimizer = model.optimizer  # with Adam's state
             else:
                 model, optimizer = new_model(args)
-            # Many steps per compiled call; one on the torch backend and under tf.distribute.
+            # Many steps per compiled call; one on the torch backend and on several devices.
             many = keras.backend.backend() != "torch" and len(names) == 1
             model.compile(optimizer, steps_per_execution=64 if many else 1)
             where = ", ".join(names) + (", data-parallel" if len(names) > 1 else "")
             print(f"Keras {keras.__version__} on {keras.backend.backend()}, {where}; "
-                  f"{len(data[0])} training and {len(data[2])} test images", flush=True)
+                  f"{len(train_set[0])} training and {len(test_set[0])} test images", flush=True)
             started = time.time()
-            train(model, optimizer, data, args, history)
+            train(model, optimizer, (train_set, test_set), args, history)
         decode = lambda z, y: ops.convert_to_numpy(model.decode(z, y))
-        save_figures(args, history, data[2:], posterior_means(model, data[2:]), decode)
+        save_figures(args, history, test_set, posterior_means(model, test_set), decode)
         iw_started = time.time()
-        iw_nll = iw_bound(model, data[2:], args.iw_samples, stream_seed(args, "bound"))
+        iw_nll = iw_bound(model, test_set, args.iw_samples, stream_seed(args, "bound"))
         timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
         backend = keras.backend.backend()
         versions = {"keras": keras.__version__, backend: __import__(backend).__version__}

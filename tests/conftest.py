@@ -56,8 +56,8 @@ class Script:
     def __repr__(self):
         return self.name
 
-    def tensor(self, array):
-        array = np.asarray(array, np.float32)
+    def tensor(self, array, dtype=np.float32):
+        array = np.asarray(array, dtype)
         return torch.from_numpy(array) if self.name == "pytorch" else (
             self.keras.ops.convert_to_tensor(array))
 

@@ -125,12 +125,16 @@ def test_keras_on_jax_trains_data_parallel_with_keras_own_distribution_and_resum
     run(["sample_keras.py", *flags, "--out-dir", one], {"KERAS_BACKEND": "jax"})
     shutil.copytree(one, resumed)
     commands = [[*flags, "--out-dir", two], ["--resume", "--epochs", "3", "--out-dir", resumed],
+                ["--resume", "--epochs", "0", "--data-dir", odd, "--out-dir", resumed],
                 [*flags, "--data-dir", odd, "--out-dir", tmp_path / "odd-run"]]
     lines = [shlex.join(map(str, command)) for command in commands]
     result = run(["-c", ON_TWO_JAX_DEVICES, *lines], status=1, env={
         "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert result.stdout.count("cpu:0, cpu:1, data-parallel") == 3
+    assert result.stdout.count("cpu:0, cpu:1, data-parallel") == 3  # the last refused first
     assert result.stdout.count("weights on 2 devices, batches split ('batch', None)") == 3
     same_training(one, two)
     assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
+    # Nothing to train, so nothing to split: the figures and bound are redrawn on 61 images.
+    assert "K=3 samples for 61 test images" in result.stdout
     assert "the 61 test images do not split evenly over 2" in one_error_line(result.stderr)
+    assert not (tmp_path / "odd-run").exists()

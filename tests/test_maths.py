@@ -156,9 +156,9 @@ def test_a_training_step_follows_the_gradient_of_the_batch_mean_loss(script):
 
 def test_the_kl_weight_warms_up_linearly_from_0_to_beta(script):
     warmup, none = (argparse.Namespace(beta=b, kl_warmup_epochs=w) for b, w in ((0.5, 4), (2, 0)))
-    assert [script.module.kl_weight(warmup, e) for e in range(1, 7)] == [0, 0.125, 0.25, 0.375,
+    assert [script.module.kl_schedule(warmup, e) for e in range(1, 7)] == [0, 0.125, 0.25, 0.375,
                                                                           0.5, 0.5]
-    assert script.module.kl_weight(none, 1) == 2.0
+    assert script.module.kl_schedule(none, 1) == 2.0
 
 
 def test_active_units_are_dimensions_whose_posterior_mean_varies_over_a_hundredth(script):

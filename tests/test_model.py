@@ -168,15 +168,34 @@ def test_pytorch_and_keras_train_alike_from_the_same_weights_and_noise(num_class
                                    atol=1e-4 * np.abs(torch_step).max())
 
 
-def test_a_conditional_model_without_its_labels_says_so_in_one_clear_error(script):
-    """decode or encode with no y, or with a label outside 0-9: a ValueError that says why."""
-    model = script.model("mlp", 2, num_classes=10)
-    z, x = np.zeros((3, 2), np.float32), np.zeros((3, 784), np.float32)
-    for call in (lambda: script.decode(model, z), lambda: script.encode(model, x),
-                 lambda: script.decode(model, z, np.array([0, 10, 1])),
-                 lambda: script.encode(model, x, [-1, 0, 1])):
-        with pytest.raises(ValueError, match="conditional: y must be integer labels 0-9, one"):
-            call()
+def test_a_conditional_model_takes_labels_of_every_array_type_and_says_what_else_it_got(script):
+    """encode and decode take y as numpy, a list or tuple, a torch tensor or one of the Keras
+    backend in use, one label per row, or a single label for every row; anything else is this
+    project's one-line ValueError, which says what y held: never a framework's error, never a
+    silent answer (a fraction truncated, an unknown label drawn as nothing)."""
+    model, rng = script.model("mlp", 2, num_classes=10), np.random.default_rng(4)
+    z, x = script.tensor(rng.normal(size=(4, 2))), script.tensor(rng.random((4, 784)))
+    calls = {"decode": lambda y: script.numpy(model.decode(z, y)),
+             "encode": lambda y: np.concatenate(script.numpy(model.encode(x, y)), axis=1)}
+    for name, call in calls.items():
+        expected, threes = call(np.array([1, 2, 3, 4])), call(np.array([3, 3, 3, 3]))
+        for y in ([1, 2, 3, 4], (1, 2, 3, 4), np.array([1.0, 2.0, 3.0, 4.0]),
+                  torch.tensor([1, 2, 3, 4]), script.tensor([1, 2, 3, 4], np.int32)):
+            np.testing.assert_array_equal(call(y), expected, err_msg=f"{name} {y!r}")
+        for y in (3, np.int64(3), torch.tensor(3), script.tensor(3, np.int64)):
+            np.testing.assert_array_equal(call(y), threes, err_msg=f"{name} {y!r}")
+        for y, found in (([10, -1, 2, 3], "y holds 10"), (torch.tensor([1, -1, 2, 3]), "holds -1"),
+                         (script.tensor([1, 2, 10, -1], np.int64), "y holds 10"),
+                         (script.tensor([2.5, 2.9, -0.5, 9.7]), "y holds 2.5"),
+                         (torch.tensor([2.0, 2.9, 0.0, 9.0]), "y holds 2.9"),
+                         (np.int64(12), "y holds 12"), (None, "y holds None"),
+                         (np.array([True, False, True, True]), "y holds True"),
+                         ([1, 2, 3], "one per row of the 4 or one for all; y has shape (3,)"),
+                         (script.tensor([[1], [2], [3], [4]], np.int64), "has shape (4, 1)")):
+            with pytest.raises(ValueError, match=r"^the model is conditional: y must be integer "
+                               r"labels 0-9, one per row") as error:
+                call(y)
+            assert found in str(error.value) and "\n" not in str(error.value), (name, y)
 
 
 @pytest.mark.parametrize("script", ["keras"], indirect=True)

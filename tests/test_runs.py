@@ -92,6 +92,39 @@ def test_a_one_epoch_runs_curves_draw_its_points(script, tmp_path):
         assert list(line.get_ydata()) == [record[f"{line.get_label()}_{key}"]]
 
 
+def test_the_interpolation_joins_classes_that_are_there_and_a_conditional_one_its_own(script):
+    """The first image of each class present to the first of the next one present; with
+    --conditional, whose decoder holds one label along the line, a class's first two; without
+    labels, images 0-7 to 8-15."""
+    labels = np.array([3, 0, 7, 3, 0, 9, 2, 7, 9, 0, 2])  # no 1, 4, 5, 6 or 8
+    starts, ends = script.module.interpolation_ends(labels, conditional=False)
+    assert [(labels[a], labels[b]) for a, b in zip(starts, ends)] == [(0, 2), (2, 3), (3, 7),
+                                                                      (7, 9)]
+    assert list(starts) == [1, 6, 0, 2] and list(ends) == [6, 0, 2, 5]
+    starts, ends = script.module.interpolation_ends(labels, conditional=True)
+    assert list(zip(starts, ends)) == [(1, 4), (6, 10), (0, 3), (2, 7), (5, 8)]
+    assert list(zip(*script.module.interpolation_ends(np.full(30, 4), False))) == [(0, 1)]
+    starts, ends = script.module.interpolation_ends(np.full(30, -1), False)
+    assert list(starts) == list(range(8)) and list(ends) == list(range(8, 16))
+
+
+@pytest.mark.parametrize("flags", [[], ["--conditional"]], ids=["vae", "conditional"])
+def test_a_test_set_without_some_classes_draws_every_figure(script, flags, tmp_path, capsys):
+    """Labelled data of one's own where classes 1 and 5 never occur in the test set."""
+    with np.load(write_dataset(tmp_path / "data") + "/mnist.npz") as data:
+        arrays = dict(data)
+    kept = ~np.isin(arrays["y_test"], [1, 5])
+    arrays.update(x_test=arrays["x_test"][kept], y_test=arrays["y_test"][kept])
+    np.savez(tmp_path / "own.npz", **arrays)
+    out_dir = tmp_path / "out"
+    code, err = call_main(script, quick(tmp_path / "own.npz", out_dir, "--epochs", "1", *flags),
+                          capsys)
+    assert code == 0, err
+    assert all((out_dir / name).is_file() for name in FIGURES)
+    bounds = json.loads((out_dir / "metrics.json").read_text())["test"]["iw_bounds"]
+    assert set(bounds) == ({"-log p(x|y)", "-log p(x)"} if flags else {"-log p(x)"})
+
+
 def test_the_reported_test_loss_and_bound_match_an_independent_computation(script, tmp_path,
                                                                          digits_dir, capsys):
     """A short run on real digits, its checkpoint reloaded: metrics.json's test -ELBO and IW
@@ -123,7 +156,8 @@ def test_the_reported_test_loss_and_bound_match_an_independent_computation(scrip
     assert test["reconstruction_loss"] == pytest.approx(reconstruction.mean(), abs=4 * error)
     assert test["kl_loss"] == pytest.approx(kl.mean(), rel=1e-4)
     error = np.sqrt(2 * bounds.var(axis=0, ddof=1).mean() / len(x))
-    assert test["iw_nll"] == pytest.approx(bounds.mean(), abs=4 * error + 1e-3)
+    assert test["iw_bounds"] == {"-log p(x)": pytest.approx(bounds.mean(),
+                                                            abs=4 * error + 1e-3)}
     active = int((z_mean.var(axis=0) > 0.01).sum())  # Burda et al.'s active units
     assert metrics["history"][-1]["active_units"] == active
 
@@ -173,17 +207,34 @@ def test_resume_keeps_the_checkpoints_flags_refuses_others_and_redraws_at_epochs
     assert [r["epoch"] for r in history(out_dir)] == [1, 2]
 
 
+def test_a_run_moved_to_the_default_folder_resumes_there(script, tmp_path, data_dir, capsys,
+                                                          monkeypatch):
+    """--resume without --out-dir: the checkpoint found in outputs/FRAMEWORK, where the run was
+    moved, and everything written there too, not into the folder the checkpoint was made in."""
+    made = tmp_path / "made"
+    assert call_main(script, quick(data_dir, made, "--epochs", "1"), capsys)[0] == 0
+    moved = tmp_path / "outputs" / script.name
+    moved.parent.mkdir()
+    made.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    code, err = call_main(script, ["--resume", "--epochs", "2"], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in history(moved)] == [1, 2] and not made.exists()
+    assert json.loads((moved / "metrics.json").read_text())["config"]["out_dir"] == str(
+        Path("outputs", script.name))
+
+
 def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, data_dir,
                                                                    capsys, monkeypatch):
-    out_dir, kl_weight = tmp_path / "out", script.module.kl_weight
-    monkeypatch.setattr(script.module, "kl_weight",  # a NaN loss in epoch 2
+    out_dir, kl_schedule = tmp_path / "out", script.module.kl_schedule
+    monkeypatch.setattr(script.module, "kl_schedule",  # a NaN loss in epoch 2
                         lambda args, epoch: float("nan") if epoch == 2 else 1.0)
     argv = quick(data_dir, out_dir, "--epochs", "3", "--lr", "0.002")
     code, err = call_main(script, argv, capsys)
     line = one_error_line(err)
     assert code == 1 and "NaN or infinite in epoch 2: try --lr below 0.002 with --resume" in line
     assert all(np.isfinite(w).all() for w in script.weights(out_dir / script.checkpoint))
-    monkeypatch.setattr(script.module, "kl_weight", kl_weight)
+    monkeypatch.setattr(script.module, "kl_schedule", kl_schedule)
     # A fresh run must not overwrite that unfinished run, which goes on from its good epoch.
     code, err = call_main(script, argv, capsys)
     assert code == 1 and "holds a run of 1 of 3 epochs; pass --resume" in err
@@ -222,9 +273,11 @@ def test_a_collapsed_posterior_is_warned_about_after_a_full_epoch_only(script, t
 def test_an_out_dir_that_cannot_be_written_is_refused_before_training(script, tmp_path, data_dir,
                                                                       capsys):
     (tmp_path / "file").write_text("x")
-    for out_dir in (tmp_path / "file", tmp_path / "file" / "out"):
+    for out_dir, message in ((tmp_path / "file", "is a file; name a folder for the results"),
+                             (tmp_path / "file" / "out", "(Not a directory)")):
         code, err = call_main(script, quick(data_dir, out_dir), capsys)
-        assert code == 1 and f"cannot write {out_dir}" in err and err.count("\n") == 1, err
+        assert code == 1 and str(out_dir) in err and message in err, err
+        assert err.count("\n") == 1 and "checkpoint" not in err, err
     assert (tmp_path / "file").read_text() == "x"
 
 
