@@ -29,6 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices a
 # The torch backend's OpenMP threads spin 300,000 turns before they sleep, which beside other
 # busy processes slows an epoch several times; 300 cost an idle machine nothing.
 os.environ.setdefault("GOMP_SPINCOUNT", "300")
+# JAX's preemption service, started with its processes, takes SIGTERM; a kill stops as Ctrl-C does.
+os.environ.setdefault("JAX_ENABLE_PREEMPTION_SERVICE", "false")
 NOTICES = ("absl::InitializeLog", "] oneDNN custom operations", "] Could not find cuda")
 
 
@@ -242,34 +244,40 @@ def label_marginal_nll(model, x, eps):
 
 
 # Training and evaluation (from kl_schedule on, the same text in both scripts) -----------------
-def epoch_inputs(train_set, args, epoch, replicas=1):
-    """fit()'s [images, labels] in epoch_order(), a multiple of the replicas, made binary."""
+def epoch_inputs(train_set, args, epoch, parallel=(1, 0, 1)):
+    """This process's [images, labels] for fit(): the batches of epoch_order(), cut to a multiple
+    of the replicas, or under several processes its share of each, as torchrun's ranks take."""
+    replicas, rank, processes = parallel
     order = epoch_order(args, epoch, len(train_set[0]))
     order = order[:len(order) // replicas * replicas]
+    batches = np.split(order, range(args.batch_size, len(order), args.batch_size))
+    order = np.concatenate([batch[rank::processes] for batch in batches])
     x = train_set[0][order]
     if args.binarize == "dynamic":
-        x = binarize(x, stream_seed(args, "pixels", epoch))
+        x = binarize(x, stream_seed(args, "pixels", epoch, rank))
     return [x, train_set[1][order]]
 
 
 def train(model, optimizer, data, args, history):
     """Train epochs len(history) + 1 to --epochs on data = (train_set, test_set), each epoch
-    evaluated and checkpointed."""
-    train_set, test_set = data
-    replicas = data_parallel_devices()  # whose batches must split evenly
+    evaluated by every process and checkpointed by the first."""
+    (train_set, (x_test, y_test)), (replicas, rank, processes) = data, data_parallel()
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
+        # The same in every process: the global batch's eps are drawn once, and sharded.
         model.seed_generator.state.assign([stream_seed(args, "noise", epoch), 0])  # eps: resumable
         model.kl_weight.assign(kl_schedule(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
-        logs = model.fit(epoch_inputs(train_set, args, epoch, replicas),
-                         batch_size=args.batch_size, shuffle=False, verbose=0).history
-        scores = model.evaluate(list(test_set), batch_size=EVAL_BATCH_SIZE // replicas * replicas,
-                                verbose=0, return_dict=True)
+        logs = model.fit(epoch_inputs(train_set, args, epoch, (replicas, rank, processes)),
+                         batch_size=args.batch_size // processes, shuffle=False, verbose=0).history
+        scores = model.evaluate([x_test[rank::processes], y_test[rank::processes]], verbose=0,
+                                batch_size=EVAL_BATCH_SIZE // replicas * replicas // processes,
+                                return_dict=True)
         losses = {"train": {key: value[0] for key, value in logs.items()}, "test": scores}
-        record = epoch_record(args, history, losses, posterior_means(model, test_set),
+        record = epoch_record(args, history, losses, posterior_means(model, data[1]),
                               time.perf_counter() - start)
-        save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, args, history + [record])
+        if rank == 0:
+            save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, args, history + [record])
         history.append(record)  # once saved: a stop reports what the checkpoint holds
 
 
@@ -569,8 +577,11 @@ def new_model(args):
 def save_checkpoint(path, model, args, history):
     """Weights, Adam, flags and history, renamed into place: a kill never leaves half a file."""
     model.training_state = {"config": vars(args), "history": history}
+    parallel = keras.distribution.distribution()  # saved under it, a save is every process's work
+    keras.distribution.set_distribution(None)
     with tensorflow_notices_dropped():  # Keras's saving loads TensorFlow, if installed
         model.save(path + ".tmp.keras")  # Keras wants the suffix
+    keras.distribution.set_distribution(parallel)
     os.replace(path + ".tmp.keras", path)
 
 
@@ -585,8 +596,18 @@ def load_checkpoint(path):
 
 
 def distribution(args):
-    """(devices, the scope to train in): --device's GPUs, else the CPUs; several: data-parallel."""
-    if keras.backend.backend() == "torch":  # one device
+    """(devices, the scope to train in, this process's rank): --device's GPUs, else the CPUs, of
+    all the processes KERAS_DISTRIBUTION_* starts under JAX; several devices: data-parallel."""
+    backend, processes = keras.backend.backend(), "KERAS_DISTRIBUTION_NUM_PROCESSES" in os.environ
+    if backend != "jax" and (processes or backend == "tensorflow" and "TF_CONFIG" in os.environ):
+        raise UserError(f"{'KERAS_DISTRIBUTION_*' if processes else 'TF_CONFIG'}: Keras trains "
+                        f"over several processes on JAX only (on {backend}: keras-team/keras"
+                        "#20585); KERAS_BACKEND=jax with KERAS_DISTRIBUTION_JOB_ADDRESSES, "
+                        "KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID")
+    if processes:
+        with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
+            keras.distribution.initialize()
+    if backend == "torch":  # one device
         import torch
         accelerator = torch.accelerator.current_accelerator(check_available=True)
         gpus, cpus = [accelerator.type] if accelerator else [], ["cpu"]
@@ -594,24 +615,32 @@ def distribution(args):
         gpus = [d for d in keras.distribution.list_devices() if not d.startswith("cpu")]
         cpus = keras.distribution.list_devices("cpu")
     if args.device == "gpu" and not gpus:
-        raise UserError(f"--device gpu: Keras's {keras.backend.backend()} backend sees no GPU; "
-                        "use --device cpu")
-    names = gpus if gpus and args.device != "cpu" else cpus
+        raise UserError(f"--device gpu: Keras's {backend} backend sees no GPU; use --device cpu")
+    names, (_, rank, processes) = gpus if gpus and args.device != "cpu" else cpus, data_parallel()
+    if backend == "jax" and names == cpus and len(names) > processes:  # jax-ml/jax#25861 is akin
+        raise UserError(f"JAX shows {len(names) // processes} CPU devices a process, which deadlock "
+                        "in training; start a process a device with KERAS_DISTRIBUTION_*")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
     if len(names) == 1:
-        return names, keras.device(names[0])
+        return names, keras.device(names[0]), rank
     if args.batch_size % len(names):
         raise UserError(f"--batch-size {args.batch_size} does not split evenly over "
                         f"{len(names)} data-parallel replicas")
-    if keras.backend.backend() == "jax":  # Keras's own data parallelism; TensorFlow's below
-        return names, keras.distribution.DataParallel(devices=names).scope()
+    if backend == "jax":  # Keras's own data parallelism, each process feeding its share
+        parallel = keras.distribution.DataParallel(devices=names, auto_shard_dataset=False)
+        return names, parallel.scope(), rank
     import tensorflow as tf
-    return names, tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
+    return names, tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope(), rank
 
 
-def data_parallel_devices():
-    """The devices over which JAX's DataParallel splits each batch, which must split evenly."""
+def data_parallel():
+    """(the devices JAX's DataParallel splits each batch over, which must split it evenly, this
+    process's rank, the processes KERAS_DISTRIBUTION_* starts)."""
     parallel = keras.distribution.distribution()
-    return parallel.device_mesh.devices.size if parallel else 1
+    return (parallel.device_mesh.devices.size if parallel else 1,
+            int(os.environ.get("KERAS_DISTRIBUTION_PROCESS_ID", 0)),
+            int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", 1)))
 
 
 def resume_flags(args, given, saved):
@@ -743,14 +772,14 @@ def main(argv=None):
     args, given = parse_args(argv)
     history = []  # the epochs done, as a stop reports them
     with one_line_errors(args, history):
-        names, scope = distribution(args)
+        names, scope, rank = distribution(args)
         with scope:  # build, load and train the model there
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
             resume_flags(args, given, saved)
             train_set, test_set = load_data(args)
             history.extend(saved["history"] if args.resume else [])
-            if len(test_set[0]) % data_parallel_devices() and len(history) < args.epochs:
+            if len(test_set[0]) % data_parallel()[0] and len(history) < args.epochs:
                 raise UserError(f"the {len(test_set[0])} test images do not split evenly over "
                                 f"{len(names)} data-parallel devices; make fewer visible")
             os.makedirs(args.out_dir, exist_ok=True)
@@ -767,16 +796,18 @@ def main(argv=None):
                   f"{len(train_set[0])} training and {len(test_set[0])} test images", flush=True)
             started = time.time()
             train(model, optimizer, (train_set, test_set), args, history)
+        model = load_checkpoint(path)[0]  # this process's own copy, off the data-parallel devices
         decode = lambda z, y: ops.convert_to_numpy(model.decode(z, y))
-        save_figures(args, history, test_set, posterior_means(model, test_set), decode)
-        iw_started = time.time()
+        if rank == 0:
+            save_figures(args, history, test_set, posterior_means(model, test_set), decode)
+        iw_started = time.time()  # in every process: JAX ends them together, waiting 5 min at most
         iw_nll = iw_bound(model, test_set, args.iw_samples, stream_seed(args, "bound"))
         timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
         backend = keras.backend.backend()
         versions = {"keras": keras.__version__, backend: __import__(backend).__version__}
-        write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,
-                             "versions": versions, "timing": timing}, history, iw_nll)
-
+        if rank == 0:
+            write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,
+                                 "versions": versions, "timing": timing}, history, iw_nll)
 
 if __name__ == "__main__":
     main()

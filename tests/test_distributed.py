@@ -1,19 +1,22 @@
-"""Data-parallel training on this machine's CPU: PyTorch under torchrun (two gloo processes),
-Keras over two TensorFlow logical CPU devices (MirroredStrategy) and over two JAX CPU devices
-(Keras's DataParallel). Each splits every batch between two workers, so none reproduces one
-device's run bit for bit: these tests check that it trains as well, writes what one device
-writes, and resumes either way."""
+"""Data-parallel training on this machine's CPU: PyTorch under torchrun (two gloo processes, on
+one node or as two nodes), Keras over two TensorFlow logical CPU devices (MirroredStrategy) and
+over two JAX processes (Keras's DataParallel), localhost standing in for the machines. Each
+splits every batch between two workers, so none reproduces one device's run bit for bit: these
+tests check that it trains as well, writes what one device writes, and resumes either way."""
 
 import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from conftest import ROOT, history, one_error_line, write_dataset
+from conftest import ROOT, Script, call_main, history, one_error_line, write_dataset
 
 pytestmark = pytest.mark.subprocess
 
@@ -67,8 +70,19 @@ def test_two_gloo_processes_under_torchrun_train_alike_and_resume(tmp_path, digi
         assert torch.equal(weight, ranks[1]["weights"][name]), name
     assert not torch.equal(ranks[0]["next_noise"], ranks[1]["next_noise"])
     same_training(one, two)
-    run([*torchrun, "sample_pytorch.py", "--resume", "--epochs", "3", "--out-dir", one])
+    # Resumed by two launchers, as two machines start it: one node each, rank 0's the master.
+    port, metrics = free_port(), (one / "metrics.json").stat().st_mtime_ns
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                               f"--node_rank={node}", "--nproc_per_node=1",
+                               "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "sample_pytorch.py", "--resume", "--epochs", "3", "--out-dir", one],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    (out, err), (quiet, _) = (node.communicate(timeout=300) for node in nodes)
+    assert [node.returncode for node in nodes] == [0, 0], err[-3000:]
+    assert "on 2 processes" in out and out.count("epoch 3/3") == 1 and "epoch" not in quiet
     assert [r["epoch"] for r in history(one)] == [1, 2, 3]
+    assert (one / "metrics.json").stat().st_mtime_ns > metrics
 
 
 # Two logical CPU devices, then main() twice: a fresh run, and a one-device run's resumed.
@@ -96,45 +110,119 @@ def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_pa
     assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
 
 
-# Two JAX CPU devices, main() on each command line given in turn; after each training, how many
-# devices hold the weights and how many the batch.
-ON_TWO_JAX_DEVICES = """import shlex
-import sys
+# main() on each command line in turn, in one of several processes that JAX joins once; each
+# process reports on stderr what it writes.
+IN_EACH_PROCESS = """import shlex, sys
 import keras
 import sample_keras
-fit = keras.Model.fit
-def fit_and_report(model, x, **kwargs):
-    history = fit(model, x, **kwargs)
-    layout = keras.distribution.distribution().get_data_layout(x[0].shape)
-    print("weights on", len(model.trainable_variables[0].value.sharding.device_set),
-          "devices, batches split", layout.axes)
-    return history
-keras.Model.fit = fit_and_report
-for argv in sys.argv[1:]:
+initialize = keras.distribution.initialize
+def once():
+    keras.distribution.initialize = lambda: None
+    initialize()
+keras.distribution.initialize = once
+for name in ("save_checkpoint", "save_figures", "write_metrics"):
+    def writes(*args, name=name, write=getattr(sample_keras, name)):
+        print("writes", name, file=sys.stderr, flush=True)
+        return write(*args)
+    setattr(sample_keras, name, writes)
+for argv in sys.argv[1:]:  # each as a fresh process begins: every process the same draws
+    keras.utils.set_random_seed(0)
     sample_keras.main(shlex.split(argv))
 """
 
 
-def test_keras_on_jax_trains_data_parallel_with_keras_own_distribution_and_resumes(tmp_path):
-    """201 training images: the epoch's last batch, 73, is cut to 72 for two devices; a
-    one-device run resumes on two; a test set of 61 cannot split, and is refused in one line."""
-    data = write_dataset(tmp_path / "data", n_train=201, n_test=60)
-    odd = write_dataset(tmp_path / "odd", n_train=201, n_test=61)
-    flags = ["--data-dir", data, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
+def free_port():
+    """A port on localhost that nothing listens on now."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
+def jax_processes(program, *argv, processes=2):
+    """Python running program with argv in each of `processes` JAX processes on localhost, one
+    CPU device each, as KERAS_DISTRIBUTION_* starts them on machines of their own."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KERAS_BACKEND": "jax",
+           "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{free_port()}",
+           "KERAS_DISTRIBUTION_NUM_PROCESSES": str(processes)}
+    return [subprocess.Popen([sys.executable, *map(str, program), *map(str, argv)], cwd=ROOT,
+                             env={**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(rank)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in range(processes)]
+
+
+def test_keras_on_jax_trains_over_two_processes_writes_once_and_resumes_either_way(tmp_path,
+                                                                                  digits_dir):
+    """Two processes of one CPU device each train data-parallel with Keras's DataParallel, each
+    feeding its share of every batch: as well as one process, with the checkpoint, figures and
+    metrics.json written by the first alone; a one-process checkpoint resumes on two and back; a
+    test set of 61 images cannot split, and is refused before any folder is made, unless there
+    is nothing to train."""
+    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    odd = write_dataset(tmp_path / "odd", n_train=201, n_test=61)
     run(["sample_keras.py", *flags, "--out-dir", one], {"KERAS_BACKEND": "jax"})
     shutil.copytree(one, resumed)
     commands = [[*flags, "--out-dir", two], ["--resume", "--epochs", "3", "--out-dir", resumed],
                 ["--resume", "--epochs", "0", "--data-dir", odd, "--out-dir", resumed],
                 [*flags, "--data-dir", odd, "--out-dir", tmp_path / "odd-run"]]
-    lines = [shlex.join(map(str, command)) for command in commands]
-    result = run(["-c", ON_TWO_JAX_DEVICES, *lines], status=1, env={
-        "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert result.stdout.count("cpu:0, cpu:1, data-parallel") == 3  # the last refused first
-    assert result.stdout.count("weights on 2 devices, batches split ('batch', None)") == 3
+    ranks = jax_processes(["-c", IN_EACH_PROCESS], *(shlex.join(map(str, c)) for c in commands))
+    (out, err), (quiet, written) = (rank.communicate(timeout=300) for rank in ranks)
+    assert [rank.returncode for rank in ranks] == [1, 1], err[-3000:] + written[-3000:]
+    assert out.count("cpu:0, cpu:2048, data-parallel") == 3, err[-2000:]
+    assert all(line.startswith("[Gloo]") for line in quiet.splitlines())  # gloo's, not ours
+    # Epochs 1, 2 of two and 3 of resumed checkpointed, the others' figures and metrics drawn.
+    assert err.count("writes save_checkpoint") == 3 and "writes" not in written
+    assert err.count("writes save_figures") == err.count("writes write_metrics") == 3
     same_training(one, two)
-    assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
-    # Nothing to train, so nothing to split: the figures and bound are redrawn on 61 images.
-    assert "K=3 samples for 61 test images" in result.stdout
-    assert "the 61 test images do not split evenly over 2" in one_error_line(result.stderr)
+    assert "K=3 samples for 61 test images" in out  # nothing to train, so nothing to split
+    assert "the 61 test images do not split evenly over 2" in one_error_line(err)
     assert not (tmp_path / "odd-run").exists()
+    run(["sample_keras.py", "--resume", "--epochs", "4", "--out-dir", resumed],
+        {"KERAS_BACKEND": "jax"})
+    assert [r["epoch"] for r in history(resumed)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_stops_both_jax_processes_with_the_checkpoint_whole(tmp_path):
+    data, out_dir = write_dataset(tmp_path / "data", n_train=1000, n_test=50), tmp_path / "out"
+    ranks = jax_processes(["sample_keras.py", "--data-dir", data, "--out-dir", out_dir,
+                           "--epochs", "2", "--batch-size", "10", "--device", "cpu",
+                           "--iw-samples", "1"])
+    for line in ranks[0].stdout:  # once epoch 1 is saved, into epoch 2
+        if line.startswith("epoch 1/2"):
+            break
+    time.sleep(0.5)
+    for rank in ranks:
+        rank.send_signal(signal.SIGINT)
+    errors = [one_error_line(rank.communicate(timeout=120)[1]) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [130, 130], errors
+    assert all("stopped in epoch 2; checkpoint.keras keeps epoch 1" in line for line in errors)
+    saved = Script("keras").module.load_checkpoint(str(out_dir / "checkpoint.keras"))[1]
+    assert [r["epoch"] for r in saved["history"]] == [1]
+
+
+def test_several_jax_cpu_devices_in_one_process_are_refused_before_any_work(tmp_path, data_dir):
+    """They deadlock in XLA's CPU runtime once their steps pile up unfinished (docs/scaling.md):
+    the script points to one process a device instead."""
+    result = run(["sample_keras.py", "--data-dir", data_dir, "--out-dir", tmp_path / "out",
+                  "--device", "cpu"], {"KERAS_BACKEND": "jax",
+                                       "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                 status=1)
+    assert "JAX shows 2 CPU devices a process" in one_error_line(result.stderr)
+    assert "KERAS_DISTRIBUTION_*" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_tensorflow_refuses_several_processes_and_names_the_jax_way(tmp_path, data_dir, capsys,
+                                                                    monkeypatch):
+    """Keras 3 cannot train under TensorFlow's MultiWorkerMirroredStrategy (keras-team/keras
+    #20585): with TF_CONFIG set, each worker would train alone and write a run of its own."""
+    keras = Script("keras")
+    assert keras.keras.backend.backend() == "tensorflow"
+    for variable in ("TF_CONFIG", "KERAS_DISTRIBUTION_NUM_PROCESSES"):
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, '{"cluster": {"worker": ["localhost:1", "localhost:2"]}}'
+                         if variable == "TF_CONFIG" else "2")
+            code, err = call_main(keras, ["--data-dir", data_dir, "--out-dir", tmp_path / "out"],
+                                  capsys)
+        assert code == 1 and err.count("\n") == 1 and "keras-team/keras#20585" in err, err
+        assert "KERAS_BACKEND=jax with KERAS_DISTRIBUTION_JOB_ADDRESSES" in err
+    assert not (tmp_path / "out").exists()
