@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 # OpenMP's idle threads spin 300,000 turns before they sleep, which beside other busy processes
 # slows an epoch several times; 300 cost an idle machine nothing (docs/performance.md).
@@ -74,8 +75,10 @@ def reparameterize(z_mean, z_log_var, eps):
 
 def check_labels(y, rows, num_classes):
     """A conditional model's labels y as numpy: integers 0 to num_classes - 1, one for each of
-    the rows of x or z, or one for them all; else a ValueError that says what y is."""
-    labels = np.asarray(y)
+    the rows of x or z, or one for all; else a ValueError saying what y is. None without labels."""
+    if not num_classes:
+        return None
+    labels = np.asarray(y.cpu() if hasattr(y, "cpu") else y)  # a tensor, maybe on a GPU
     wrong = labels if labels.dtype == bool else labels[~np.isin(labels, range(num_classes))]
     if wrong.size or labels.shape not in ((), (rows,)):  # fractions, strings and None too
         found = f"holds {wrong.flat[0]}" if wrong.size else f"has shape {labels.shape}"
@@ -85,8 +88,7 @@ def check_labels(y, rows, num_classes):
 
 
 class VAE(nn.Module):
-    """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y); `samples` z per image in training. encode
-    and decode check a conditional model's y: labels 0-9, one per row or one for every row."""
+    """q(z|x) and p(x|z), or q(z|x, y) and p(x|z, y) (encode, decode check y); `samples` z."""
 
     def __init__(self, arch="mlp", latent_dim=2, num_classes=0, samples=1):
         super().__init__()
@@ -103,14 +105,9 @@ class VAE(nn.Module):
         one_hot = F.one_hot(torch.as_tensor(y, device=h.device).long(), self.num_classes)
         return torch.cat([h, one_hot.to(h.dtype).expand(*h.shape[:-1], -1)], -1)
 
-    def checked(self, y, rows):
-        """A user's labels, of any array type, through check_labels; None for a model without."""
-        if self.num_classes:
-            return check_labels(y.cpu() if torch.is_tensor(y) else y, rows, self.num_classes)
-
     def encode(self, x, y=None):
         """Images x (N, 784) -> (z_mean, z_log_var) of q(z|x), each (N, latent_dim)."""
-        features = self.with_label(self.encoder(x), self.checked(y, len(x)))
+        features = self.with_label(self.encoder(x), check_labels(y, len(x), self.num_classes))
         return self.z_mean(features), self.z_log_var(features)
 
     def decode_logits(self, z, y=None):
@@ -120,11 +117,10 @@ class VAE(nn.Module):
 
     def decode(self, z, y=None):
         """z (N, latent_dim) -> p(x|z)'s pixel means (N, 784), the sigmoid of the logits."""
-        return torch.sigmoid(self.decode_logits(z, self.checked(y, z.shape[-2])))
+        return torch.sigmoid(self.decode_logits(z, check_labels(y, z.shape[-2], self.num_classes)))
 
     def forward(self, x, y=None):
-        """Training's pass on x and y, y as load_data checked it (a check would wait for a GPU):
-        (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x)."""
+        """(logits (samples, N, 784), z_mean, z_log_var, eps) for training: y is load_data's."""
         features = self.with_label(self.encoder(x), y)
         z_mean, z_log_var = self.z_mean(features), self.z_log_var(features)
         samples = self.samples if self.training else 1
@@ -163,7 +159,6 @@ def objective(x, outputs, kl_weight):
     return negative_iw_bound(x, outputs, kl_weight), reconstruction_loss, kl_loss
 
 
-@torch.no_grad()
 def importance_weighted_nll(model, x, y, eps):
     """Per-image bound on -log p(x) (on -log p(x|y) given labels) from eps (K, N, latent_dim)."""
     z_mean, z_log_var = model.encode(x, y)
@@ -180,8 +175,7 @@ def label_marginal_nll(model, x, eps):
 
 # Training and evaluation (from kl_schedule on, the same text in both scripts) -----------------
 def train_epoch(model, optimizer, batches, kl_weight, binarizer=None):
-    """One pass of Adam over (x, y) batches (pixels drawn binary by `binarizer`): the sums of
-    reconstruction_loss, kl_loss and the objective, and the number of images, in one tensor."""
+    """Adam steps on (x, y) batches (pixels drawn by `binarizer`): the sums below, one tensor."""
     model.train()
     sums = torch.zeros(4, device=next(model.parameters()).device)
     for x, y in batches:
@@ -196,8 +190,7 @@ def train_epoch(model, optimizer, batches, kl_weight, binarizer=None):
 
 
 def train(model, optimizer, data, args, history):
-    """Train epochs len(history) + 1 to --epochs on data = (train_set, test_set), each epoch
-    evaluated and checkpointed."""
+    """Train epochs len(history) + 1 to --epochs on data = (train_set, test_set), each saved."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     device = next(model.parameters()).device
@@ -255,8 +248,7 @@ def iw_bound(model, test_set, num_samples, seed):
           flush=True)  # for logs: the progress bar below shows on a terminal only
     for x, y in tqdm(zip(x_test, y_test), leave=False, disable=None):
         x = x.float() / 255
-        eps = torch.randn((num_samples, len(x), model.latent_dim), generator=generator,
-                          device=device)
+        eps = torch.randn(num_samples, len(x), model.latent_dim, generator=generator, device=device)
         nll = [importance_weighted_nll(model, x, y, eps)]
         if model.num_classes:
             nll.append(label_marginal_nll(model, x, eps))
@@ -277,8 +269,8 @@ def active_units(z_mean):
 
 def epoch_record(args, history, losses, z_mean, seconds):
     """The next epoch's history entry, printed; a NaN or infinite loss stops the run unsaved."""
-    epoch, train_losses, test_losses = len(history) + 1, losses["train"], losses["test"]
-    if not math.isfinite(sum(train_losses.values())):
+    epoch = len(history) + 1
+    if not math.isfinite(sum(losses["train"].values())):
         raise UserError(f"the loss became NaN or infinite in epoch {epoch}: try --lr below "
                         f"{args.lr:g}" + (" with --resume" if history else ""))
     record = {"epoch": epoch}
@@ -286,12 +278,12 @@ def epoch_record(args, history, losses, z_mean, seconds):
         terms = {key: losses[split][key] for key in ("reconstruction_loss", "kl_loss")}
         record.update({f"{split}_loss": sum(terms.values()),  # the true -ELBO
                        **{f"{split}_{key}": value for key, value in terms.items()}})
-    record.update(train_objective=train_losses["loss"], active_units=active_units(z_mean),
-                  seconds=seconds)
-    iwae = f" (IWAE bound, k={args.iwae}: {train_losses['loss']:.2f})" if args.iwae > 1 else ""
+    record.update(train_objective=losses["train"]["loss"], active_units=active_units(z_mean),
+                  seconds=seconds)  # the objective: -ELBO, or the IWAE bound trained on
+    iwae = f" (IWAE bound, k={args.iwae}: {record['train_objective']:.2f})" if args.iwae > 1 else ""
     print(f"epoch {epoch}/{args.epochs}  train loss {record['train_loss']:.2f}{iwae}  test loss "
-          f"{record['test_loss']:.2f} (rec {test_losses['reconstruction_loss']:.2f} + kl "
-          f"{test_losses['kl_loss']:.2f})  {record['active_units']} active units  {seconds:.1f} s",
+          f"{record['test_loss']:.2f} (rec {record['test_reconstruction_loss']:.2f} + kl "
+          f"{record['test_kl_loss']:.2f})  {record['active_units']} active units  {seconds:.1f} s",
           flush=True)
     if record["active_units"] == 0 and not args.steps_per_epoch:  # a few steps mean nothing
         print("warning: no active latent units: try --kl-warmup-epochs 10 or a smaller --beta",
@@ -322,14 +314,8 @@ def load_data(args):
         path, arrays = read_data(folder, args.dataset)
     else:
         path, arrays = args.dataset, download(args.dataset)
-    splits = []
-    for split in ("train", "test"):
-        x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
-        problem = layout_problem(split, x, y)
-        if problem:
-            raise UserError(f"{path}: {problem}; expected {LAYOUT}")
-        splits.append((x.reshape(-1, 784), np.full(len(x), -1) if y is None else y.astype(np.int64)))
-    (x_train, y_train), (x_test, y_test) = splits
+    (x_train, y_train), (x_test, y_test) = (split_of(path, arrays, split)
+                                            for split in ("train", "test"))
     if args.conditional and min(y_train.min(), y_test.min()) < 0:
         raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
     if args.binarize == "static":
@@ -339,18 +325,18 @@ def load_data(args):
     return (x_train, y_train), (x_test, y_test)
 
 
-def layout_problem(split, x, y):
-    """What is wrong with a split's images x and labels y (None if it has none), in words."""
-    if x is None:
-        return f"x_{split} is missing"
-    if x.dtype != np.uint8 or x.shape[1:] != (28, 28):
-        return f"x_{split} is {x.dtype} of shape {x.shape}"
-    if len(x) < 20:
-        return f"x_{split} holds {len(x)} images"
-    if y is not None and y.shape != x.shape[:1]:
-        return f"y_{split} has shape {y.shape} for {len(x)} images"
-    wrong = [] if y is None else y[~np.isin(y, range(10))]
-    return f"y_{split} holds {wrong[0]}" if len(wrong) else None
+def split_of(path, arrays, split):
+    """The split's (uint8 images, rows of 784; labels, -1 if none), or a UserError saying why."""
+    x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
+    if x is None or x.dtype != np.uint8 or x.shape[1:] != (28, 28) or len(x) < 20:
+        found = f"x_{split} is " + ("missing" if x is None else f"{x.dtype} of shape {x.shape}")
+    elif y is not None and y.shape != x.shape[:1]:
+        found = f"y_{split} has shape {y.shape} for {len(x)} images"
+    elif y is not None and not np.isin(y, range(10)).all():
+        found = f"y_{split} holds {y[~np.isin(y, range(10))][0]}"
+    else:
+        return x.reshape(-1, 784), np.full(len(x), -1) if y is None else y.astype(np.int64)
+    raise UserError(f"{path}: {found}; expected {LAYOUT}")
 
 
 def read_data(path, dataset):
@@ -421,28 +407,18 @@ def download(dataset):
 def save_figures(args, history, test_set, z_mean, decode):
     """The six pictures, from the test set, its z_mean and decode(z, y) (numpy in, out)."""
     x, labels = test_set[0] / np.float32(255), test_set[1]
+    out_dir, names = Path(args.out_dir), CLASS_NAMES[args.dataset]
     decoded = decode(z_mean[:20], labels[:20])
     rows = np.concatenate([x[:10], decoded[:10], x[10:20], decoded[10:]])
     mosaic(rows, 10, "test images and their reconstructions (at z_mean)",
-           ["test image", "reconstruction"] * 2).figure.savefig(
-        os.path.join(args.out_dir, "reconstructions.png"))
+           ["test image", "reconstruction"] * 2).figure.savefig(out_dir / "reconstructions.png")
     z = np.random.default_rng(stream_seed(args, "figures")).standard_normal(
         (100, args.latent_dim), np.float32)
     y, row_labels, title = None, (), "samples from the prior, z ~ N(0, I)"
     if args.conditional:  # z is the style, y the class: one row a label, one z a column
-        z, y, row_labels = np.tile(z[:10], (10, 1)), np.arange(100) // 10, CLASS_NAMES[args.dataset]
+        z, y, row_labels = np.tile(z[:10], (10, 1)), np.arange(100) // 10, names
         title += ": a row per label y, the same z down each column"
-    mosaic(decode(z, y), 10, title, row_labels).figure.savefig(
-        os.path.join(args.out_dir, "samples.png"))
-    save_interpolation(args, (x, labels), z_mean, decode)
-    save_latent_plots(args, z_mean, labels, decode)
-    save_training_curves(os.path.join(args.out_dir, "training_curves.png"), history)
-
-
-def save_interpolation(args, test_set, z_mean, decode):
-    """interpolation.png: pairs of test images, from interpolation_ends, and the decoder at ten
-    points of the straight line between their z_mean."""
-    (x, labels), names = test_set, CLASS_NAMES[args.dataset]
+    mosaic(decode(z, y), 10, title, row_labels).figure.savefig(out_dir / "samples.png")
     starts, ends = interpolation_ends(labels, args.conditional)
     line = np.linspace(z_mean[starts], z_mean[ends], 10, axis=1, dtype=np.float32)  # (pairs, 10, d)
     decoded = decode(line.reshape(-1, args.latent_dim), np.repeat(labels[starts], 10))
@@ -450,14 +426,14 @@ def save_interpolation(args, test_set, z_mean, decode):
     row_labels = [f"#{a} to #{b}" if labels[a] < 0 else f"{names[labels[a]]} to {names[labels[b]]}"
                   for a, b in zip(starts, ends)]
     mosaic(rows.reshape(-1, 784), 12, "test image | decoder along a straight line between their "
-           "z_mean | test image", row_labels).figure.savefig(
-        os.path.join(args.out_dir, "interpolation.png"))
+           "z_mean | test image", row_labels).figure.savefig(out_dir / "interpolation.png")
+    save_latent_plots(args, z_mean, labels, decode)
+    save_training_curves(out_dir / "training_curves.png", history)
 
 
 def interpolation_ends(labels, conditional, pairs=8):
-    """(starts, ends): the first test image of each class present and of the next one; a class's
-    first two where the decoder holds one label (--conditional) or there is one class; without
-    labels, images 0-7 and 8-15."""
+    """The images to join: each class's first to the next class's; with --conditional (whose
+    decoder holds one label) or one class, a class's first two; no labels: #0-7 to #8-15."""
     if labels.min() < 0:
         return np.arange(pairs), np.arange(pairs, 2 * pairs)
     members = [np.flatnonzero(labels == k) for k in np.unique(labels)]
@@ -484,14 +460,14 @@ def save_latent_plots(args, z_mean, labels, decode):
                   loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set(xlabel=axes[0], ylabel=axes[1], title="posterior means z_mean of the test set")
     ax.set_aspect("equal", adjustable="datalim")
-    ax.figure.savefig(os.path.join(args.out_dir, "latent_space.png"))
+    ax.figure.savefig(Path(args.out_dir, "latent_space.png"))
     # The top row at the largest second coordinate, so that it reads like the scatter plot.
     first, second = np.meshgrid(np.linspace(-1.9, 1.9, 20), np.linspace(1.9, -1.9, 20))
     grid = np.float32(np.outer(first, directions[:, 0]) + np.outer(second, directions[:, 1]))
     title = "decoder means on a grid of z" + (", label 0" if args.conditional else "")
     ax = mosaic(decode(grid, np.zeros(400, int)), 20, title, extent=(-2, 2, -2, 2))
     ax.set(xlabel=axes[0], ylabel=axes[1])
-    ax.figure.savefig(os.path.join(args.out_dir, "latent_manifold.png"))
+    ax.figure.savefig(Path(args.out_dir, "latent_manifold.png"))
 
 
 def mosaic(images, cols, title, row_labels=(), extent=None):
@@ -587,8 +563,8 @@ def resume_flags(args, given, saved):
             raise UserError(f"--{name.replace('_', '-')}: the run in {path} has "
                             f"{saved['config'].get(name)}; a resumed run may change only "
                             "--epochs, --iw-samples, --device, --lr and --data-dir")
-    # --epochs up to those done: no training, the figures and bound redrawn
-    # Not out_dir: a run moved to another folder goes on there.
+    # --epochs up to those done: no training, the figures and bound redrawn; out_dir is where
+    # the checkpoint is now, so that a run moved to another folder goes on there.
     vars(args).update({k: v for k, v in saved["config"].items() if k not in given | {"out_dir"}})
     args.epochs = max(args.epochs, done)
 
@@ -708,8 +684,7 @@ def main(argv=None):
             print(f"resuming after epoch {len(history)} of {path}")
         else:
             torch.manual_seed(stream_seed(args, "weights"))  # the initial weights
-            model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0,
-                        args.iwae)
+            model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0, args.iwae)
         optimizer = torch.optim.Adam(model.to(device).parameters(), lr=args.lr,
                                      fused=device.type != "mps")
         if args.resume:
@@ -720,11 +695,11 @@ def main(argv=None):
         started = time.time()
         train(model, optimizer, (train_set, test_set), args, history)
         if rank == 0:
-            with torch.no_grad():
+            with torch.no_grad():  # the figures and the bound
                 decode = lambda z, y: model.decode(torch.from_numpy(z).to(device), y).cpu().numpy()
                 save_figures(args, history, test_set, evaluate(model, test_set)[1], decode)
-            iw_started = time.time()
-            iw_nll = iw_bound(model, test_set, args.iw_samples, stream_seed(args, "bound"))
+                iw_started = time.time()
+                iw_nll = iw_bound(model, test_set, args.iw_samples, stream_seed(args, "bound"))
             timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
             write_metrics(args, {"framework": FRAMEWORK, "backend": "torch", "device": where,
                                  "versions": {"torch": torch.__version__}, "timing": timing},

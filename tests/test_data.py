@@ -69,7 +69,7 @@ def images_only(path, **changes):
     (lambda path: images_only(path, x_train=None, images=np.zeros((30, 28, 28), np.uint8)),
      "x_train is missing"),
     (lambda path: images_only(path, x_test=np.zeros((19, 28, 28), np.uint8)),
-     "x_test holds 19 images; expected"),
+     "x_test is uint8 of shape (19, 28, 28); expected"),
     (lambda path: images_only(path, y_test=np.full(20, 14)), "y_test holds 14; expected"),
     (lambda path: images_only(path, y_train=np.full(30, 2.5)), "y_train holds 2.5; expected"),
 ], ids=["missing", "misnamed", "truncated", "not a zip", "test images missing", "wrong image size",
