@@ -17,7 +17,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -113,7 +112,7 @@ def check_labels(y, rows, num_classes):
     the rows of x or z, or one for all; else a ValueError saying what y is. None without labels."""
     if not num_classes:
         return None
-    labels = np.asarray(y.cpu() if hasattr(y, "cpu") else y)  # a tensor, maybe on a GPU
+    labels = np.asarray(y.cpu() if hasattr(y, "is_cuda") else y)  # a torch tensor on a GPU too
     wrong = labels if labels.dtype == bool else labels[~np.isin(labels, range(num_classes))]
     if wrong.size or labels.shape not in ((), (rows,)):  # fractions, strings and None too
         found = f"holds {wrong.flat[0]}" if wrong.size else f"has shape {labels.shape}"
@@ -165,8 +164,7 @@ class VAE(keras.Model):
         return ops.sigmoid(self.decode_logits(z, check_labels(y, z.shape[-2], self.num_classes)))
 
     def call(self, inputs, training=False):
-        """fit()'s pass on [x, y], y as load_data checked it (a compiled step cannot read it):
-        (logits (samples, N, 784), z_mean, z_log_var, eps), z drawn from q(z|x)."""
+        """(logits (samples, N, 784), z_mean, z_log_var, eps) for fit(): y is load_data's."""
         x, y = pixels(inputs[0]), inputs[1]
         features = self.with_label(self.encoder(x), y)
         z_mean, z_log_var = self.z_mean(features), self.z_log_var(features)
@@ -241,8 +239,7 @@ def label_marginal_nll(model, x, eps):
 
 # Training and evaluation (from kl_schedule on, the same text in both scripts) -----------------
 def epoch_inputs(train_set, args, epoch, parallel=(1, 0, 1)):
-    """This process's [images, labels] for fit(): the batches of epoch_order(), cut to a multiple
-    of the replicas, or under several processes its share of each, as torchrun's ranks take."""
+    """fit()'s [images, labels]: each batch of epoch_order() (or this process's share), binary."""
     replicas, rank, processes = parallel
     order = epoch_order(args, epoch, len(train_set[0]))
     order = order[:len(order) // replicas * replicas]
@@ -255,8 +252,7 @@ def epoch_inputs(train_set, args, epoch, parallel=(1, 0, 1)):
 
 
 def train(model, optimizer, data, args, history):
-    """Train epochs len(history) + 1 to --epochs on data = (train_set, test_set), each epoch
-    evaluated by every process and checkpointed by the first."""
+    """Train epochs len(history) + 1 to --epochs on data = (train_set, test_set), each saved."""
     (train_set, (x_test, y_test)), (replicas, rank, processes) = data, data_parallel()
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
@@ -364,10 +360,8 @@ def load_data(args):
                                             for split in ("train", "test"))
     if args.conditional and min(y_train.min(), y_test.min()) < 0:
         raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
-    if args.binarize == "static":
-        x_train = binarize(x_train, seed=1234)
-    if args.binarize != "none":
-        x_test = binarize(x_test, seed=5678)  # the same pixels in every run
+    x_train = binarize(x_train, seed=1234) if args.binarize == "static" else x_train
+    x_test = binarize(x_test, seed=5678) if args.binarize != "none" else x_test  # every run's
     return (x_train, y_train), (x_test, y_test)
 
 
@@ -576,14 +570,13 @@ def load_checkpoint(path):
 
 
 def distribution(args):
-    """(devices, the scope to train in, this process's rank): --device's GPUs, else the CPUs, of
-    all the processes KERAS_DISTRIBUTION_* starts under JAX; several devices: data-parallel."""
+    """(devices, the scope to train in, this process's rank): data-parallel over several."""
     backend, processes = keras.backend.backend(), "KERAS_DISTRIBUTION_NUM_PROCESSES" in os.environ
     if backend != "jax" and (processes or backend == "tensorflow" and "TF_CONFIG" in os.environ):
-        raise UserError(f"{'KERAS_DISTRIBUTION_*' if processes else 'TF_CONFIG'}: Keras trains "
-                        f"over several processes on JAX only (on {backend}: keras-team/keras"
-                        "#20585); KERAS_BACKEND=jax with KERAS_DISTRIBUTION_JOB_ADDRESSES, "
-                        "KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID")
+        raise UserError(f"{'KERAS_DISTRIBUTION_*' if processes else 'TF_CONFIG'}: several "
+                        f"processes train on Keras's JAX backend alone (keras-team/keras#20585 on "
+                        f"{backend}): set KERAS_BACKEND=jax and KERAS_DISTRIBUTION_JOB_ADDRESSES, "
+                        "_NUM_PROCESSES and _PROCESS_ID")
     if processes:
         with tensorflow_notices_dropped():  # it seeds TensorFlow too, loading it
             keras.distribution.initialize()
@@ -598,8 +591,8 @@ def distribution(args):
         raise UserError(f"--device gpu: Keras's {backend} backend sees no GPU; use --device cpu")
     names, (_, rank, processes) = gpus if gpus and args.device != "cpu" else cpus, data_parallel()
     if backend == "jax" and names == cpus and len(names) > processes:  # jax-ml/jax#25861 is akin
-        raise UserError(f"JAX shows {len(names) // processes} CPU devices a process, which deadlock "
-                        "in training; start a process a device with KERAS_DISTRIBUTION_*")
+        raise UserError(f"JAX shows {len(names) // processes} CPU devices a process: they "
+                        "deadlock in training; start a process a device with KERAS_DISTRIBUTION_*")
     if rank > 0:
         sys.stdout = open(os.devnull, "w")
     if len(names) == 1:
@@ -615,8 +608,7 @@ def distribution(args):
 
 
 def data_parallel():
-    """(the devices JAX's DataParallel splits each batch over, which must split it evenly, this
-    process's rank, the processes KERAS_DISTRIBUTION_* starts)."""
+    """(devices JAX's DataParallel splits batches over, this process's rank, the processes)."""
     parallel = keras.distribution.distribution()
     return (parallel.device_mesh.devices.size if parallel else 1,
             int(os.environ.get("KERAS_DISTRIBUTION_PROCESS_ID", 0)),
@@ -624,7 +616,8 @@ def data_parallel():
 
 
 def resume_flags(args, given, saved):
-    """--resume takes the checkpoint's flags (five may change); a fresh run never overwrites."""
+    """The epochs done: --resume takes the checkpoint's flags (five may change) and history; a
+    fresh run never overwrites one."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} is a file; name a folder for the results")
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
@@ -633,7 +626,7 @@ def resume_flags(args, given, saved):
             raise UserError(f"{path} holds a run of {done} of {saved['config']['epochs']} "
                             "epochs; pass --resume to go on with it (a larger --epochs trains "
                             "more), another --out-dir, or delete it to start afresh")
-        return
+        return []
     if not saved:
         raise UserError(f"no {path} to resume; run without --resume to start afresh")
     free = {"epochs", "iw_samples", "device", "lr", "data_dir", "out_dir", "resume"}
@@ -646,6 +639,8 @@ def resume_flags(args, given, saved):
     # the checkpoint is now, so that a run moved to another folder goes on there.
     vars(args).update({k: v for k, v in saved["config"].items() if k not in given | {"out_dir"}})
     args.epochs = max(args.epochs, done)
+    print(f"resuming after epoch {done} of {path}")
+    return saved["history"]
 
 
 def write_metrics(args, run, history, iw_nll):
@@ -654,7 +649,7 @@ def write_metrics(args, run, history, iw_nll):
     names = ["-log p(x|y)", "-log p(x)"] if args.conditional else ["-log p(x)"]
     bounds = dict(zip(names, iw_nll, strict=True))
     trained_on = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
-    run["versions"].update(python=platform.python_version(), numpy=np.__version__,
+    run["versions"].update(python=sys.version.split()[0], numpy=np.__version__,
                            matplotlib=matplotlib.__version__)
     path = os.path.join(args.out_dir, "metrics.json")
     with open(path + ".tmp", "w") as f:
@@ -756,18 +751,13 @@ def main(argv=None):
         with scope:  # build, load and train the model there
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
-            resume_flags(args, given, saved)
+            history.extend(resume_flags(args, given, saved))
             train_set, test_set = load_data(args)
-            history.extend(saved["history"] if args.resume else [])
             if len(test_set[0]) % data_parallel()[0] and len(history) < args.epochs:
                 raise UserError(f"the {len(test_set[0])} test images do not split evenly over "
                                 f"{len(names)} data-parallel devices; make fewer visible")
             os.makedirs(args.out_dir, exist_ok=True)
-            if args.resume:
-                print(f"resuming after epoch {len(history)} of {path}")
-                optimizer = model.optimizer  # with Adam's state
-            else:
-                model, optimizer = new_model(args)
+            model, optimizer = (model, model.optimizer) if args.resume else new_model(args)
             # Many steps per compiled call; one on the torch backend and on several devices.
             many = keras.backend.backend() != "torch" and len(names) == 1
             model.compile(optimizer, steps_per_execution=64 if many else 1)
@@ -788,6 +778,7 @@ def main(argv=None):
         if rank == 0:
             write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,
                                  "versions": versions, "timing": timing}, history, iw_nll)
+
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -78,7 +77,7 @@ def check_labels(y, rows, num_classes):
     the rows of x or z, or one for all; else a ValueError saying what y is. None without labels."""
     if not num_classes:
         return None
-    labels = np.asarray(y.cpu() if hasattr(y, "cpu") else y)  # a tensor, maybe on a GPU
+    labels = np.asarray(y.cpu() if hasattr(y, "is_cuda") else y)  # a torch tensor on a GPU too
     wrong = labels if labels.dtype == bool else labels[~np.isin(labels, range(num_classes))]
     if wrong.size or labels.shape not in ((), (rows,)):  # fractions, strings and None too
         found = f"holds {wrong.flat[0]}" if wrong.size else f"has shape {labels.shape}"
@@ -318,10 +317,8 @@ def load_data(args):
                                             for split in ("train", "test"))
     if args.conditional and min(y_train.min(), y_test.min()) < 0:
         raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
-    if args.binarize == "static":
-        x_train = binarize(x_train, seed=1234)
-    if args.binarize != "none":
-        x_test = binarize(x_test, seed=5678)  # the same pixels in every run
+    x_train = binarize(x_train, seed=1234) if args.binarize == "static" else x_train
+    x_test = binarize(x_test, seed=5678) if args.binarize != "none" else x_test  # every run's
     return (x_train, y_train), (x_test, y_test)
 
 
@@ -388,7 +385,6 @@ def epoch_order(args, epoch, num_images):
 def download(dataset):
     """{name: array} via torchvision, cached in ~/.cache/torchvision (hash-checked)."""
     import torchvision  # only here: it costs a second of start-up
-
     source = {"mnist": torchvision.datasets.MNIST,
               "fashion_mnist": torchvision.datasets.FashionMNIST}[dataset]
     try:
@@ -545,7 +541,8 @@ def start_processes(args):
 
 
 def resume_flags(args, given, saved):
-    """--resume takes the checkpoint's flags (five may change); a fresh run never overwrites."""
+    """The epochs done: --resume takes the checkpoint's flags (five may change) and history; a
+    fresh run never overwrites one."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} is a file; name a folder for the results")
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
@@ -554,7 +551,7 @@ def resume_flags(args, given, saved):
             raise UserError(f"{path} holds a run of {done} of {saved['config']['epochs']} "
                             "epochs; pass --resume to go on with it (a larger --epochs trains "
                             "more), another --out-dir, or delete it to start afresh")
-        return
+        return []
     if not saved:
         raise UserError(f"no {path} to resume; run without --resume to start afresh")
     free = {"epochs", "iw_samples", "device", "lr", "data_dir", "out_dir", "resume"}
@@ -567,6 +564,8 @@ def resume_flags(args, given, saved):
     # the checkpoint is now, so that a run moved to another folder goes on there.
     vars(args).update({k: v for k, v in saved["config"].items() if k not in given | {"out_dir"}})
     args.epochs = max(args.epochs, done)
+    print(f"resuming after epoch {done} of {path}")
+    return saved["history"]
 
 
 def write_metrics(args, run, history, iw_nll):
@@ -575,7 +574,7 @@ def write_metrics(args, run, history, iw_nll):
     names = ["-log p(x|y)", "-log p(x)"] if args.conditional else ["-log p(x)"]
     bounds = dict(zip(names, iw_nll, strict=True))
     trained_on = {"name": "iwae" if args.iwae > 1 else "elbo", "k": args.iwae}
-    run["versions"].update(python=platform.python_version(), numpy=np.__version__,
+    run["versions"].update(python=sys.version.split()[0], numpy=np.__version__,
                            matplotlib=matplotlib.__version__)
     path = os.path.join(args.out_dir, "metrics.json")
     with open(path + ".tmp", "w") as f:
@@ -676,17 +675,13 @@ def main(argv=None):
         device, rank = start_processes(args)
         path = os.path.join(args.out_dir, CHECKPOINT)
         model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
-        resume_flags(args, given, saved)
+        history.extend(resume_flags(args, given, saved))
         train_set, test_set = load_data(args)
         os.makedirs(args.out_dir, exist_ok=True)
-        if args.resume:
-            history.extend(saved["history"])
-            print(f"resuming after epoch {len(history)} of {path}")
-        else:
+        if not args.resume:
             torch.manual_seed(stream_seed(args, "weights"))  # the initial weights
             model = VAE(args.arch, args.latent_dim, 10 if args.conditional else 0, args.iwae)
-        optimizer = torch.optim.Adam(model.to(device).parameters(), lr=args.lr,
-                                     fused=device.type != "mps")
+        optimizer = torch.optim.Adam(model.to(device).parameters(), lr=args.lr, fused=True)
         if args.resume:
             optimizer.load_state_dict(saved["optimizer"])
         where = f"{dist.get_world_size()} processes" if dist.is_initialized() else str(device)

@@ -7,6 +7,9 @@ told otherwise), and the benchmark reads back the process's own accounting and m
     start-up     launch to the start of training (imports, data, model), timing in metrics.json
     warm-up      the first epoch's seconds over the median: the one-off costs of the first steps
     first step   start-up + warm-up + one median step: when the first training step ends
+    x limit      s/epoch over the seconds the epoch's training steps would take at this CPU's
+                 float32 matrix-product rate (their multiply-adds, 3 passes an image: forward and
+                 backward), measured here too: how far an epoch is from the hardware's limit
     wall         launch to exit (data, training, figures, the bound, all of it)
     peak RSS     the process's peak resident memory, and that minus what importing the
                  framework alone costs (measured here too)
@@ -16,8 +19,8 @@ torchvision's MNIST with a per-sample ToTensor transform through a DataLoader. T
 rounds of every configuration once; each figure is the median over the rounds, and a ratio
 (the reference over PyTorch, Keras over PyTorch) is taken within each round, from runs made
 minutes apart, its median reported: on a noisy machine that holds better than a ratio of
-medians. Last, the importance-weighted bound on its own: seconds for K samples on every test
-image, and the decoder's arithmetic per second against what this CPU's matrix product reaches.
+medians. The runs end with the importance-weighted bound, K samples on every test image: its
+seconds (the first round's), and the decoder's arithmetic per second against the matrix product.
 With --busy, the rounds run again beside N processes that each keep a core busy, as other jobs
 on a shared machine or a laptop do, and a second table gives the seconds per epoch at each N.
 
@@ -81,28 +84,24 @@ def script_run(framework, arch, args, out_dir, *more):
 
 
 def measure_script(framework, arch, args, out_dir):
-    """One training run of sample_<framework>.py: a dict of the figures above."""
+    """One run of sample_<framework>.py: a dict of the figures above, and the bound's seconds
+    and decoder GFLOP/s (2 flops a multiply-add, the decoder's layers only)."""
     rss, wall, started, metrics = script_run(framework, arch, args, out_dir, "--epochs",
-                                             args.epochs, "--iw-samples", 1)
+                                             args.epochs, "--iw-samples", args.iw_samples or 1)
     seconds = [record["seconds"] for record in metrics["history"]]
     median = statistics.median(seconds[1:])
     start_up = metrics["timing"]["training_started_at"] - started
     steps = metrics["config"]["steps_per_epoch"] or -(-args.train_images // 128)
-    return {"seconds_per_epoch": median, "worst_over_median": max(seconds[1:]) / median,
-            "start_up": start_up, "warm_up": seconds[0] - median,
+    limit = min(steps * 128, args.train_images) * 3 * 2 * model_macs(arch) / args.gflops / 1e9
+    bound = metrics["timing"]["iw_seconds"]
+    return {"seconds_per_epoch": median, "over_limit": median / limit,
+            "worst_over_median": max(seconds[1:]) / median, "start_up": start_up,
+            "warm_up": seconds[0] - median,
             "first_step": start_up + seconds[0] - median + median / steps, "wall": wall,
             "peak_rss_mb": rss, "test_loss": metrics["test"]["loss"],
-            "backend": metrics["backend"], "device": metrics["device"]}
-
-
-def measure_bound(framework, arch, args, out_dir):
-    """Seconds of the importance-weighted bound with --iw-samples K after one training step,
-    and the decoder's GFLOP/s in it (2 flops a multiply-add, the decoder's layers only)."""
-    *_, metrics = script_run(framework, arch, args, out_dir, "--epochs", 1, "--steps-per-epoch",
-                             1, "--iw-samples", args.iw_samples)
-    seconds = metrics["timing"]["iw_seconds"]
-    return {"seconds": seconds, "gflops": 2 * decoder_macs(arch) * args.iw_samples
-            * args.test_images / seconds / 1e9}
+            "backend": metrics["backend"], "device": metrics["device"], "bound_seconds": bound,
+            "bound_gflops": 2 * decoder_macs(arch) * args.iw_samples * args.test_images / bound
+            / 1e9}
 
 
 def decoder_macs(arch):
@@ -111,6 +110,15 @@ def decoder_macs(arch):
         return LATENT_DIM * 256 + 256 * 512 + 512 * 784
     # dense, dense, then each transposed convolution: input pixels x in x out channels x 4 x 4
     return LATENT_DIM * 256 + 256 * 3136 + 7 * 7 * 64 * 32 * 16 + 14 * 14 * 32 * 1 * 16
+
+
+def model_macs(arch):
+    """Multiply-adds of one image's pass through the encoder, the two heads and the decoder."""
+    heads = 2 * 256 * LATENT_DIM
+    if arch == "mlp":
+        return 784 * 512 + 512 * 256 + heads + decoder_macs(arch)
+    # each convolution: output pixels x in x out channels x 4 x 4, then the dense layer
+    return 14 * 14 * 1 * 32 * 16 + 7 * 7 * 32 * 64 * 16 + 3136 * 256 + heads + decoder_macs(arch)
 
 
 def matmul_gflops():
@@ -258,8 +266,9 @@ def print_table(results):
           f"data: {results['data']} ({results['train_images']} training, "
           f"{results['test_images']} test images); device: {results['device']}; "
           f"{results['cpus']} CPUs\n")
-    header = (f"{'run':28} {'s/epoch':>8} {'worst/med':>9} {'start-up':>8} {'warm-up':>8} "
-              f"{'1st step':>8} {'wall':>7} {'peak RSS':>9} {'over import':>11} {'test loss':>9}")
+    header = (f"{'run':28} {'s/epoch':>8} {'x limit':>7} {'worst/med':>9} {'start-up':>8} "
+              f"{'warm-up':>8} {'1st step':>8} {'wall':>7} {'peak RSS':>9} {'over import':>11} "
+              f"{'test loss':>9}")
     print(header + "\n" + "-" * len(header))
     for name, run in runs.items():
         if "wall" not in run:
@@ -267,7 +276,8 @@ def print_table(results):
             continue
         framework = name.split("/")[0]
         label = f"{name} ({run['backend']})" if framework.startswith("keras") else name
-        print(f"{label:28} {run['seconds_per_epoch']:8.3f} {run['worst_over_median']:9.2f} "
+        print(f"{label:28} {run['seconds_per_epoch']:8.3f} {run['over_limit']:6.2f}x "
+              f"{run['worst_over_median']:9.2f} "
               f"{run['start_up']:7.2f}s {run['warm_up']:7.2f}s {run['first_step']:7.2f}s "
               f"{run['wall']:6.1f}s {run['peak_rss_mb']:7.0f}MB "
               f"{run['peak_rss_mb'] - imports[framework]:9.0f}MB {run['test_loss']:9.2f}")
@@ -287,10 +297,11 @@ def print_table(results):
             backend = SCRIPTS[what.split("_over_")[0]][1]
             print(f"{arch}: sample_keras.py on {backend} takes {ratio:.2f}x the seconds per "
                   f"epoch of sample_pytorch.py{spread(values)}")
-    if results["bound"]:
-        print(f"\nimportance-weighted bound, K={results['iw_samples']} on each of "
-              f"{results['test_images']} test images; this CPU's float32 matrix product: "
-              f"{results['matmul_gflops']:.0f} GFLOP/s")
+    print(f"\nthis CPU's float32 matrix product: {results['matmul_gflops']:.0f} GFLOP/s (x limit: "
+          "s/epoch over the training steps' multiply-adds at that rate)")
+    if results["iw_samples"]:
+        print(f"importance-weighted bound, K={results['iw_samples']} on each of "
+              f"{results['test_images']} test images, in the first round's runs:")
     for name, bound in results["bound"].items():
         print(f"  {name:12} {bound['seconds']:7.1f} s  decoder {bound['gflops']:6.1f} GFLOP/s "
               f"({bound['gflops'] / results['matmul_gflops']:.0%} of the matrix product's)")
@@ -323,7 +334,7 @@ def parse(argv):
     parser.add_argument("--archs", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--iw-samples", type=int, default=100,
-                        help="K of the bound's own measurement, 0 to skip it (default: 100)")
+                        help="K of the runs' bound, 0 for K = 1 and no bound's line (default: 100)")
     parser.add_argument("--busy", type=int, nargs="+", default=[0], metavar="N",
                         help="run the rounds beside N busy processes, for each N given; the "
                              "first N's rounds make the main table (default: 0)")
@@ -355,12 +366,13 @@ def main(argv=None):
             results[key] = {f: statistics.median(
                 measure([sys.executable, "-c", IMPORTS[f] + more.get(f, "")], SCRIPTS[f][1])[0]
                 for _ in range(args.repeats)) for f in args.frameworks}
+        results["matmul_gflops"] = args.gflops = matmul_gflops()
         results["busy"] = {busy: measure_rounds(args, busy, scratch) for busy in args.busy}
         results["rounds"] = results["busy"][args.busy[0]]
-        results["bound"] = {f"{f}/{a}": measure_bound(f, a, args, Path(scratch, f"iw-{f}-{a}"))
-                            for a in args.archs for f in args.frameworks} if args.iw_samples else {}
-        results["iw_samples"] = args.iw_samples
-    results["matmul_gflops"] = matmul_gflops() if results["bound"] else None
+    results["iw_samples"] = args.iw_samples
+    results["bound"] = {name: {"seconds": run["bound_seconds"], "gflops": run["bound_gflops"]}
+                        for name, run in results["rounds"][0].items()
+                        if "bound_seconds" in run and args.iw_samples}
     results["runs"] = {name: median_of([runs[name] for runs in results["rounds"]])
                        for name in results["rounds"][0]}
     results["ratios"] = ratios(results["rounds"])

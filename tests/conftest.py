@@ -2,6 +2,7 @@
 once per framework), small data sets written here, and a way to run a script as a user would."""
 
 import atexit
+import fcntl
 import gzip
 import importlib
 import json
@@ -191,14 +192,82 @@ def write_idx(folder, arrays):
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("synthetic"))
+def shared_tmp(tmp_path_factory, worker_id):
+    """A folder that every pytest-xdist worker of this session sees (the session's own alone)."""
+    root = tmp_path_factory.getbasetemp()
+    return root if worker_id == "master" else root.parent
+
+
+def made_once(folder, make):
+    """folder, made by make(folder) in the first process to ask; the others wait for it."""
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not Path(f"{folder}.done").exists():  # a folder half made by a failure is made again
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            Path(f"{folder}.done").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
+def data_dir(shared_tmp):
+    return str(made_once(shared_tmp / "synthetic", write_dataset))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(shared_tmp):
     """A few hundred real digits from the shipped MNIST."""
-    return write_dataset(tmp_path_factory.mktemp("digits"), 500, 1000, source="mnist")
+    return str(made_once(shared_tmp / "digits",
+                         lambda folder: write_dataset(folder, 500, 1000, source="mnist")))
+
+
+def made_run(script, folder, data_dir, *flags):
+    """folder holding a quick one-epoch run (quick() on data_dir, and flags), made once for the
+    session, without its pictures, for the tests that need a checkpoint: copy it before use."""
+    def make(out_dir):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(script.module, "save_figures", lambda *args: None)
+            script.module.main([str(a) for a in quick(data_dir, out_dir, "--epochs", "1", *flags)])
+    return made_once(folder, make)
+
+
+@pytest.fixture(scope="session")
+def finished_run(script, shared_tmp, data_dir):
+    return made_run(script, shared_tmp / f"finished-{script.name}", data_dir)
+
+
+@pytest.fixture(scope="session")
+def finished_conditional_run(script, shared_tmp, data_dir):
+    return made_run(script, shared_tmp / f"finished-conditional-{script.name}", data_dir,
+                    "--conditional")
+
+
+# A conditional IWAE, so that its checkpoint has the most to carry between Keras's backends and
+# data-parallel training the most to agree on.
+COPIED_RUN = ("--epochs", "2", "--steps-per-epoch", "3", "--device", "cpu", "--iw-samples", "5",
+              "--arch", "conv", "--latent-dim", "3", "--conditional", "--iwae", "3")
+
+
+def copied_run(name, backend, shared_tmp, data_dir):
+    """A folder where sample_<name>.py, copied alone, ran on Keras's `backend` as a user runs
+    it, with COPIED_RUN's flags on data_dir written as MNIST's four IDX files; made once for the
+    session; its status, stdout and stderr in run.json, its results in outputs/<name>."""
+    def make(folder):
+        folder.mkdir()
+        shutil.copy(ROOT / f"sample_{name}.py", folder)
+        with np.load(f"{data_dir}/mnist.npz") as data:
+            write_idx(folder / "idx", {key: data[key] for key in data})
+        result = run_script(folder / f"sample_{name}.py", "--data-dir", folder / "idx",
+                            *COPIED_RUN, cwd=folder, env={"KERAS_BACKEND": backend})
+        (folder / "run.json").write_text(json.dumps([result.returncode, result.stdout,
+                                                     result.stderr]))
+    return made_once(shared_tmp / f"copied-{name}-{backend}", make)
+
+
+@pytest.fixture
+def no_figures(script, monkeypatch):
+    """The run draws no pictures, in a test that never looks at them (they cost seconds)."""
+    monkeypatch.setattr(script.module, "save_figures", lambda *args: None)
 
 
 def run_script(script, *args, env=None, cwd=ROOT, timeout=300):

@@ -35,27 +35,35 @@ def test_the_benchmark_runs_and_reports_its_figures_and_ratios(tmp_path, digits_
         assert 0 < run["start_up"] < run["wall"] and 0 < run["first_step"] < run["wall"]
         assert run["peak_rss_mb"] > results["import_rss_mb"][framework] > 100
         assert 0 < run["test_loss"] < 784 * math.log(2)  # nats per image: beats coin flips
+        assert run["over_limit"] > 1  # no epoch beats the matrix product's rate
         assert results["bound"][f"{framework}/mlp"]["gflops"] > 0
     assert "x faster per epoch than the DataLoader reference" in result.stdout
     assert results["runs"]["keras-jax/mlp"]["backend"] == "jax"
     assert "sample_keras.py on jax takes" in result.stdout and "GFLOP/s" in result.stdout
+    assert results["matmul_gflops"] > 0 and "x limit" in result.stdout
 
 
 def test_a_run_s_figures_come_from_its_own_history_and_the_kernel_s_accounting(monkeypatch):
     """Seconds per epoch: the median after the first epoch, which compiles and warms up."""
     benchmark = importlib.import_module("benchmarks.benchmark")
     metrics = {"history": [{"seconds": s} for s in (9.0, 4.0, 6.0, 5.0)], "backend": "torch",
-               "timing": {"training_started_at": 103.0}, "config": {"steps_per_epoch": 0},
-               "test": {"loss": 150.0}, "device": "cpu"}
+               "timing": {"training_started_at": 103.0, "iw_seconds": 2.0},
+               "config": {"steps_per_epoch": 0}, "test": {"loss": 150.0}, "device": "cpu"}
     monkeypatch.setattr(benchmark, "script_run", lambda *_: (900.0, 30.0, 100.0, metrics))
-    run = benchmark.measure_script("pytorch", "mlp", SimpleNamespace(epochs=4, train_images=1000),
-                                   None)
+    run = benchmark.measure_script("pytorch", "mlp", SimpleNamespace(
+        epochs=4, train_images=1000, test_images=50, iw_samples=10, gflops=100.0), None)
     steps = 8  # 1,000 images in batches of 128
-    assert run == pytest.approx({"seconds_per_epoch": 5.0, "worst_over_median": 6.0 / 5.0,
+    # The mlp's multiply-adds an image: encoder, the two heads (latent 20), decoder; the
+    # training step's passes are 3 of them (forward, backward for the inputs, for the weights).
+    encoder, heads, decoder = 784 * 512 + 512 * 256, 2 * 256 * 20, 20 * 256 + 256 * 512 + 512 * 784
+    limit = 1000 * 3 * 2 * (encoder + heads + decoder) / 100e9
+    assert run == pytest.approx({"seconds_per_epoch": 5.0, "over_limit": 5.0 / limit,
+                                 "worst_over_median": 6.0 / 5.0,
                                  "start_up": 3.0, "warm_up": 9.0 - 5.0,
                                  "first_step": 3.0 + 4.0 + 5.0 / steps, "wall": 30.0,
                                  "peak_rss_mb": 900.0, "test_loss": 150.0,
-                                 "backend": "torch", "device": "cpu"})
+                                 "backend": "torch", "device": "cpu", "bound_seconds": 2.0,
+                                 "bound_gflops": 2 * decoder * 10 * 50 / 2.0 / 1e9})
     # The peak memory is the child's: one that fills 200 MB peaks a little above that. A forked
     # child's count starts at its parent's size, which here is pytest's (torch, TensorFlow), so
     # the measuring parent is a small process, as benchmark.py is.
@@ -77,6 +85,7 @@ def test_a_ratio_is_the_median_of_the_rounds_ratios_not_a_ratio_of_medians(monke
     monkeypatch.setattr(benchmark, "measure_round", lambda *_: {
         name: {"seconds_per_epoch": seconds} for name, seconds in next(rounds).items()})
     monkeypatch.setattr(benchmark, "measure", lambda argv, backend: (500.0, 1.0, 0.0))
+    monkeypatch.setattr(benchmark, "matmul_gflops", lambda: 100.0)
     benchmark.main(["--data-dir", digits_dir, "--repeats", "3", "--archs", "mlp",
                     "--iw-samples", "0", "--frameworks", "pytorch", "keras"])
     out = capsys.readouterr().out

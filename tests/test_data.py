@@ -72,9 +72,9 @@ def images_only(path, **changes):
      "x_test is uint8 of shape (19, 28, 28); expected"),
     (lambda path: images_only(path, y_test=np.full(20, 14)), "y_test holds 14; expected"),
     (lambda path: images_only(path, y_train=np.full(30, 2.5)), "y_train holds 2.5; expected"),
-], ids=["missing", "misnamed", "truncated", "not a zip", "test images missing", "wrong image size",
-        "flat images", "floats", "count mismatch", "other keys", "too few test images",
-        "labels out of range", "fractional labels"])
+], ids=["missing", "misnamed", "truncated", "not_a_zip", "test_images_missing",
+        "wrong_image_size", "flat_images", "floats", "count_mismatch", "other_keys",
+        "too_few_test_images", "labels_out_of_range", "fractional_labels"])
 def test_bad_data_gets_one_line_that_says_what_was_found_and_creates_nothing(script, tmp_path,
                                                                               capsys, spoil,
                                                                               message):

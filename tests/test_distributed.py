@@ -16,7 +16,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, Script, call_main, history, one_error_line, write_dataset
+from conftest import (COPIED_RUN, ROOT, Script, call_main, copied_run, history, one_error_line,
+                      write_dataset)
 
 pytestmark = pytest.mark.subprocess
 
@@ -53,17 +54,17 @@ sample_pytorch.main(sys.argv[2:])
 """
 
 
-def test_two_gloo_processes_under_torchrun_train_alike_and_resume(tmp_path, digits_dir):
+def test_two_gloo_processes_under_torchrun_train_alike_and_resume(tmp_path, shared_tmp,
+                                                                 data_dir):
     """Each process trains on its share of every batch, with noise of its own, and DDP averages
-    the gradients: the two end with the very same weights, an IWAE conditional model's too."""
-    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2",
-             "--iwae", "3", "--conditional"]
+    the gradients: the two end with the very same weights, an IWAE conditional model's too, as
+    well as one process (the copied run of test_runs.py, whose flags they take)."""
+    folder = copied_run("pytorch", "torch", shared_tmp, data_dir)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(["sample_pytorch.py", *flags, "--out-dir", one])
+    one, two = shutil.copytree(folder / "outputs" / "pytorch", tmp_path / "one"), tmp_path / "two"
     (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES)
-    stdout = run([*torchrun, tmp_path / "each_rank_saves.py", tmp_path, *flags, "--out-dir",
-                  two]).stdout
+    stdout = run([*torchrun, tmp_path / "each_rank_saves.py", tmp_path, "--data-dir",
+                  folder / "idx", *COPIED_RUN, "--out-dir", two]).stdout
     assert stdout.count("epoch 2/2") == 1 and "on 2 processes" in stdout
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     for name, weight in ranks[0]["weights"].items():
@@ -96,22 +97,24 @@ sample_keras.main(sys.argv[-5:])
 """
 
 
-def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_path, digits_dir):
-    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
-    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    env = {"KERAS_BACKEND": "tensorflow"}
-    run(["sample_keras.py", *flags, "--out-dir", one], env)
-    shutil.copytree(one, resumed)
-    stdout = run(["-c", TWO_CPU_DEVICES, *flags, "--out-dir", two, "--resume", "--epochs", "3",
-                  "--out-dir", resumed], env).stdout
+def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_path, shared_tmp,
+                                                                           data_dir):
+    """As well as one device (the copied TensorFlow run of test_runs.py, whose flags it takes)."""
+    folder = copied_run("keras", "tensorflow", shared_tmp, data_dir)
+    one, two = folder / "outputs" / "keras", tmp_path / "two"
+    resumed = shutil.copytree(one, tmp_path / "resumed")
+    stdout = run(["-c", TWO_CPU_DEVICES, "--data-dir", folder / "idx", *COPIED_RUN, "--out-dir",
+                  two, "--resume", "--epochs", "3", "--out-dir", resumed],
+                 {"KERAS_BACKEND": "tensorflow"}).stdout
     assert stdout.count("cpu:0, cpu:1, data-parallel") == 2
     same_training(one, two)
     assert json.loads((two / "metrics.json").read_text())["device"].endswith("data-parallel")
     assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
 
 
-# main() on each command line in turn, in one of several processes that JAX joins once; each
-# process reports on stderr what it writes.
+# main() on each command line in turn, in one of several processes that JAX joins once, each
+# run begun as a fresh process begins; each process says on stderr what it writes, and how a
+# run that stopped ended.
 IN_EACH_PROCESS = """import shlex, sys
 import keras
 import sample_keras
@@ -125,9 +128,12 @@ for name in ("save_checkpoint", "save_figures", "write_metrics"):
         print("writes", name, file=sys.stderr, flush=True)
         return write(*args)
     setattr(sample_keras, name, writes)
-for argv in sys.argv[1:]:  # each as a fresh process begins: every process the same draws
-    keras.utils.set_random_seed(0)
-    sample_keras.main(shlex.split(argv))
+for argv in sys.argv[1:]:
+    keras.utils.set_random_seed(0)  # every process the same draws
+    try:
+        sample_keras.main(shlex.split(argv))
+    except SystemExit as stop:
+        print("exit", stop.code, file=sys.stderr, flush=True)
 """
 
 
@@ -150,54 +156,55 @@ def jax_processes(program, *argv, processes=2):
             for rank in range(processes)]
 
 
-def test_keras_on_jax_trains_over_two_processes_writes_once_and_resumes_either_way(tmp_path,
-                                                                                  digits_dir):
+def test_keras_on_jax_trains_over_two_processes_writes_once_resumes_either_way_and_stops(
+        tmp_path, shared_tmp, data_dir):
     """Two processes of one CPU device each train data-parallel with Keras's DataParallel, each
-    feeding its share of every batch: as well as one process, with the checkpoint, figures and
-    metrics.json written by the first alone; a one-process checkpoint resumes on two and back; a
-    test set of 61 images cannot split, and is refused before any folder is made, unless there
-    is nothing to train."""
-    flags = ["--data-dir", digits_dir, "--iw-samples", "3", "--device", "cpu", "--epochs", "2"]
-    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    feeding its share of every batch: as well as one process (the copied JAX run of
+    test_runs.py), with the checkpoint, figures and metrics.json written by the first alone; a
+    one-process checkpoint resumes on two and back; a test set of 61 images cannot split, and is
+    refused before any folder is made, unless nothing is left to train; Ctrl-C to both stops
+    both, the checkpoint whole."""
+    folder = copied_run("keras", "jax", shared_tmp, data_dir)
+    one, two = folder / "outputs" / "keras", tmp_path / "two"
+    resumed, stopped = shutil.copytree(one, tmp_path / "resumed"), tmp_path / "stopped"
     odd = write_dataset(tmp_path / "odd", n_train=201, n_test=61)
-    run(["sample_keras.py", *flags, "--out-dir", one], {"KERAS_BACKEND": "jax"})
-    shutil.copytree(one, resumed)
-    commands = [[*flags, "--out-dir", two], ["--resume", "--epochs", "3", "--out-dir", resumed],
+    slow = write_dataset(tmp_path / "slow", n_train=1000, n_test=50)
+    commands = [["--data-dir", folder / "idx", *COPIED_RUN, "--out-dir", two],
+                ["--resume", "--epochs", "3", "--out-dir", resumed],
                 ["--resume", "--epochs", "0", "--data-dir", odd, "--out-dir", resumed],
-                [*flags, "--data-dir", odd, "--out-dir", tmp_path / "odd-run"]]
+                ["--data-dir", odd, "--device", "cpu", "--out-dir", tmp_path / "odd-run"],
+                ["--data-dir", slow, "--epochs", "3", "--batch-size", "10", "--device", "cpu",
+                 "--out-dir", stopped]]
     ranks = jax_processes(["-c", IN_EACH_PROCESS], *(shlex.join(map(str, c)) for c in commands))
-    (out, err), (quiet, written) = (rank.communicate(timeout=300) for rank in ranks)
-    assert [rank.returncode for rank in ranks] == [1, 1], err[-3000:] + written[-3000:]
-    assert out.count("cpu:0, cpu:2048, data-parallel") == 3, err[-2000:]
-    assert all(line.startswith("[Gloo]") for line in quiet.splitlines())  # gloo's, not ours
-    # Epochs 1, 2 of two and 3 of resumed checkpointed, the others' figures and metrics drawn.
-    assert err.count("writes save_checkpoint") == 3 and "writes" not in written
-    assert err.count("writes save_figures") == err.count("writes write_metrics") == 3
-    same_training(one, two)
-    assert "K=3 samples for 61 test images" in out  # nothing to train, so nothing to split
-    assert "the 61 test images do not split evenly over 2" in one_error_line(err)
-    assert not (tmp_path / "odd-run").exists()
-    run(["sample_keras.py", "--resume", "--epochs", "4", "--out-dir", resumed],
-        {"KERAS_BACKEND": "jax"})
-    assert [r["epoch"] for r in history(resumed)] == [1, 2, 3, 4]
-
-
-def test_ctrl_c_stops_both_jax_processes_with_the_checkpoint_whole(tmp_path):
-    data, out_dir = write_dataset(tmp_path / "data", n_train=1000, n_test=50), tmp_path / "out"
-    ranks = jax_processes(["sample_keras.py", "--data-dir", data, "--out-dir", out_dir,
-                           "--epochs", "2", "--batch-size", "10", "--device", "cpu",
-                           "--iw-samples", "1"])
-    for line in ranks[0].stdout:  # once epoch 1 is saved, into epoch 2
-        if line.startswith("epoch 1/2"):
+    out = []
+    for line in ranks[0].stdout:  # into the last run's epoch 2, its epoch 1 saved
+        out.append(line)
+        if line.startswith("epoch 1/3"):
             break
     time.sleep(0.5)
     for rank in ranks:
         rank.send_signal(signal.SIGINT)
-    errors = [one_error_line(rank.communicate(timeout=120)[1]) for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [130, 130], errors
-    assert all("stopped in epoch 2; checkpoint.keras keeps epoch 1" in line for line in errors)
-    saved = Script("keras").module.load_checkpoint(str(out_dir / "checkpoint.keras"))[1]
+    (rest, err), (quiet, written) = (rank.communicate(timeout=300) for rank in ranks)
+    out = "".join(out) + rest
+    assert [rank.returncode for rank in ranks] == [0, 0], err[-3000:] + written[-3000:]
+    assert out.count("cpu:0, cpu:2048, data-parallel") == 4, err[-2000:]  # all but the refused
+    assert all(line.startswith("[Gloo]") for line in quiet.splitlines())  # gloo's, not ours
+    # Epochs 1, 2 of two, 3 of resumed and 1 of stopped checkpointed; figures and metrics drawn
+    # for two, resumed and resumed again; by the first process alone.
+    assert err.count("writes save_checkpoint") == 4 and "writes" not in written
+    assert err.count("writes save_figures") == err.count("writes write_metrics") == 3
+    same_training(one, two)
+    assert "K=5 samples for 61 test images" in out  # nothing to train, so nothing to split
+    for log in (err, written):
+        assert "the 61 test images do not split evenly over 2" in log and "exit 1" in log
+        assert "stopped in epoch 2; checkpoint.keras keeps epoch 1" in log and "exit 130" in log
+    assert not (tmp_path / "odd-run").exists() and [r["epoch"] for r in history(resumed)] == [
+        1, 2, 3]
+    saved = Script("keras").module.load_checkpoint(str(stopped / "checkpoint.keras"))[1]
     assert [r["epoch"] for r in saved["history"]] == [1]
+    run(["sample_keras.py", "--resume", "--epochs", "4", "--out-dir", resumed],
+        {"KERAS_BACKEND": "jax"})
+    assert [r["epoch"] for r in history(resumed)] == [1, 2, 3, 4]
 
 
 def test_several_jax_cpu_devices_in_one_process_are_refused_before_any_work(tmp_path, data_dir):
@@ -224,5 +231,5 @@ def test_tensorflow_refuses_several_processes_and_names_the_jax_way(tmp_path, da
             code, err = call_main(keras, ["--data-dir", data_dir, "--out-dir", tmp_path / "out"],
                                   capsys)
         assert code == 1 and err.count("\n") == 1 and "keras-team/keras#20585" in err, err
-        assert "KERAS_BACKEND=jax with KERAS_DISTRIBUTION_JOB_ADDRESSES" in err
+        assert "set KERAS_BACKEND=jax and KERAS_DISTRIBUTION_JOB_ADDRESSES" in err
     assert not (tmp_path / "out").exists()

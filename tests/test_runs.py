@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (FIGURES, ROOT, Script, call_main, history, one_error_line, quick,
-                      run_script, write_dataset, write_idx)
+from conftest import (FIGURES, ROOT, Script, call_main, copied_run, history, one_error_line,
+                      quick, run_script, write_dataset)
 from test_maths import log_bernoulli, log_normal
 
 METRICS_KEYS = {"framework", "backend", "config", "device", "versions", "history", "test",
@@ -28,53 +28,47 @@ METRICS_KEYS = {"framework", "backend", "config", "device", "versions", "history
 @pytest.mark.parametrize("name, backend", [("pytorch", "torch"), ("keras", "tensorflow"),
                                            ("keras", "torch"), ("keras", "jax")])
 def test_a_copy_run_alone_writes_its_figures_metrics_and_checkpoint_and_a_clean_log(
-        name, backend, tmp_path, data_dir):
+        name, backend, tmp_path, shared_tmp, data_dir):
     """The script copied into an empty folder, as a user copies it, and run there on a folder
-    of MNIST's original layout, the four IDX files."""
-    script, out_dir = Script(name), tmp_path / "outputs" / name  # the default --out-dir
-    shutil.copy(script.file, tmp_path)
-    with np.load(f"{data_dir}/mnist.npz") as data:
-        write_idx(tmp_path / "idx", {key: data[key] for key in data})
-        test_images = len(data["y_test"])
-    result = run_script(tmp_path / script.file.name, "--data-dir", tmp_path / "idx", "--epochs",
-                        "2", "--steps-per-epoch", "3", "--device", "cpu", "--iw-samples", "5",
-                        "--arch", "conv", "--latent-dim", "3", cwd=tmp_path,
-                        env={"KERAS_BACKEND": backend})
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"^epoch 2/2  train loss [\d.]+ ", result.stdout, re.M)
+    of MNIST's original layout, the four IDX files; then resumed there."""
+    script, folder = Script(name), copied_run(name, backend, shared_tmp, data_dir)
+    code, stdout, stderr = json.loads((folder / "run.json").read_text())
+    assert code == 0, stderr
+    assert re.search(r"^epoch 2/2  train loss [\d.]+ ", stdout, re.M)
     # A log shows what runs before it runs: the bound's K and images, ahead of its result.
-    announced = result.stdout.index(f"bound on -log p(x): K=5 samples for {test_images} test")
-    assert announced < result.stdout.index("importance-weighted bound, K=5: -log p(x) <=")
-    assert "\x1b" not in result.stdout and "\r" not in result.stdout + result.stderr
-    assert result.stderr == ""  # no framework's notices, on any backend
+    announced = stdout.index("bound on -log p(x): K=5 samples for 60 test")
+    assert announced < stdout.index("importance-weighted bound, K=5: -log p(x|y) <=")
+    assert "\x1b" not in stdout and "\r" not in stdout + stderr
+    assert stderr == ""  # no framework's notices, on any backend
+    out_dir = folder / "outputs" / name  # the default --out-dir
     assert {p.name for p in out_dir.iterdir()} == {*FIGURES, "metrics.json", script.checkpoint}
-    for name in FIGURES:
-        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in FIGURES:
+        assert (out_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert set(metrics) == METRICS_KEYS and metrics["framework"] == script.name
     assert set(metrics["config"]) == set(vars(script.module.parse_args([])[0]))
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
     assert metrics["backend"] == backend
-    resumed = run_script(tmp_path / script.file.name, "--resume", "--epochs", "3", cwd=tmp_path,
+    copy = shutil.copytree(folder, tmp_path / "copy")  # the run is the session's: resume a copy
+    resumed = run_script(copy / script.file.name, "--resume", "--epochs", "3", cwd=copy,
                          env={"KERAS_BACKEND": backend})
     assert resumed.returncode == 0 and resumed.stderr == ""  # Keras's saving loads TensorFlow
 
 
-@pytest.mark.subprocess
 def test_an_npz_of_any_name_without_labels_trains_and_draws_all_six_figures(script, tmp_path,
-                                                                            digits_dir):
+                                                                            digits_dir, capsys):
     with np.load(f"{digits_dir}/mnist.npz") as data:  # images only: a VAE needs no labels
         np.savez(tmp_path / "own.npz", x_train=data["x_train"], x_test=data["x_test"][:100])
     flags = ["--data-dir", tmp_path / "own.npz", "--epochs", "1", "--steps-per-epoch", "3",
              "--iw-samples", "2", "--device", "cpu"]
-    result = run_script(script.file, *flags, "--out-dir", tmp_path / "out")
-    assert result.returncode == 0, result.stderr
+    code, err = call_main(script, [*flags, "--out-dir", tmp_path / "out"], capsys)
+    assert code == 0, err
     assert {*FIGURES, "metrics.json"} <= {path.name for path in (tmp_path / "out").iterdir()}
     versions = json.loads((tmp_path / "out" / "metrics.json").read_text())["versions"]
     assert {"python", "numpy", "matplotlib"} <= set(versions) and all(versions.values())
-    result = run_script(script.file, *flags, "--conditional", "--out-dir", tmp_path / "cvae")
-    assert result.returncode == 1 and not (tmp_path / "cvae").exists()
-    assert "own.npz: --conditional needs labels" in one_error_line(result.stderr)
+    code, err = call_main(script, [*flags, "--conditional", "--out-dir", tmp_path / "cvae"], capsys)
+    assert code == 1 and not (tmp_path / "cvae").exists()
+    assert "own.npz: --conditional needs labels" in one_error_line(err)
 
 
 def test_a_one_epoch_runs_curves_draw_its_points(script, tmp_path):
@@ -126,7 +120,8 @@ def test_a_test_set_without_some_classes_draws_every_figure(script, flags, tmp_p
 
 
 def test_the_reported_test_loss_and_bound_match_an_independent_computation(script, tmp_path,
-                                                                         digits_dir, capsys):
+                                                                         digits_dir, capsys,
+                                                                         no_figures):
     """A short run on real digits, its checkpoint reloaded: metrics.json's test -ELBO and IW
     bound against the same quantities computed here in float64 numpy, within their
     Monte-Carlo error (the -ELBO at a sampled z, as defined, not at z_mean)."""
@@ -164,7 +159,8 @@ def test_the_reported_test_loss_and_bound_match_an_independent_computation(scrip
 
 @pytest.mark.parametrize("model", [[], ["--conditional", "--iwae", "3"]],
                          ids=["vae", "conditional iwae"])
-def test_a_resumed_run_ends_as_an_uninterrupted_one(script, model, tmp_path, data_dir, capsys):
+def test_a_resumed_run_ends_as_an_uninterrupted_one(script, model, tmp_path, data_dir, capsys,
+                                                    no_figures):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--binarize", "dynamic", "--lr-decay", "0.9", "--kl-warmup-epochs", "2", *model]
     assert call_main(script, quick(data_dir, straight, "--epochs", "3", *flags), capsys)[0] == 0
@@ -178,9 +174,8 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(script, model, tmp_path, dat
 
 
 def test_resume_keeps_the_checkpoints_flags_refuses_others_and_redraws_at_epochs_0(
-        script, tmp_path, data_dir, capsys):
-    out_dir = tmp_path / "out"
-    assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+        script, tmp_path, data_dir, finished_run, capsys):
+    out_dir = shutil.copytree(finished_run, tmp_path / "out")
     saved, before = (out_dir / script.checkpoint).read_bytes(), history(out_dir)
     assert script.adam(out_dir / script.checkpoint) == (1e-8, 0.9, 0.999)  # torch's, in both
     for flags in (["--latent-dim", "3"], ["--arch", "conv"], ["--binarize", "static"],
@@ -189,8 +184,7 @@ def test_resume_keeps_the_checkpoints_flags_refuses_others_and_redraws_at_epochs
         code, err = call_main(script, ["--resume", "--out-dir", out_dir, *flags], capsys)
         assert code == 1 and f"{flags[0]}: the run in {out_dir / script.checkpoint} has " in err
         assert err.count("\n") == 1 and (out_dir / script.checkpoint).read_bytes() == saved
-    for name in FIGURES:
-        (out_dir / name).unlink()
+    assert not any((out_dir / name).exists() for name in FIGURES)  # the run drew none
     code, err = call_main(script, ["--resume", "--epochs", "0", "--iw-samples", "7",
                                    "--out-dir", out_dir], capsys)
     assert code == 0 and all((out_dir / name).is_file() for name in FIGURES), err
@@ -207,12 +201,11 @@ def test_resume_keeps_the_checkpoints_flags_refuses_others_and_redraws_at_epochs
     assert [r["epoch"] for r in history(out_dir)] == [1, 2]
 
 
-def test_a_run_moved_to_the_default_folder_resumes_there(script, tmp_path, data_dir, capsys,
-                                                          monkeypatch):
+def test_a_run_moved_to_the_default_folder_resumes_there(script, tmp_path, finished_run, capsys,
+                                                          monkeypatch, no_figures):
     """--resume without --out-dir: the checkpoint found in outputs/FRAMEWORK, where the run was
     moved, and everything written there too, not into the folder the checkpoint was made in."""
-    made = tmp_path / "made"
-    assert call_main(script, quick(data_dir, made, "--epochs", "1"), capsys)[0] == 0
+    made = shutil.copytree(finished_run, tmp_path / "made")
     moved = tmp_path / "outputs" / script.name
     moved.parent.mkdir()
     made.rename(moved)
@@ -225,7 +218,8 @@ def test_a_run_moved_to_the_default_folder_resumes_there(script, tmp_path, data_
 
 
 def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, data_dir,
-                                                                   capsys, monkeypatch):
+                                                                   capsys, monkeypatch,
+                                                                   no_figures):
     out_dir, kl_schedule = tmp_path / "out", script.module.kl_schedule
     monkeypatch.setattr(script.module, "kl_schedule",  # a NaN loss in epoch 2
                         lambda args, epoch: float("nan") if epoch == 2 else 1.0)
@@ -244,7 +238,7 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_p
 
 
 def test_beta_and_the_kl_warm_up_weigh_the_kl_term_in_training(script, tmp_path, data_dir,
-                                                               capsys):
+                                                               capsys, no_figures):
     runs = {"beta 0": ["--beta", "0"], "warm-up": ["--kl-warmup-epochs", "10"], "beta 1": []}
     for name, flags in runs.items():
         argv = quick(data_dir, tmp_path / name, "--epochs", "2", "--batch-size", "16",
@@ -256,7 +250,8 @@ def test_beta_and_the_kl_warm_up_weigh_the_kl_term_in_training(script, tmp_path,
 
 
 def test_a_collapsed_posterior_is_warned_about_after_a_full_epoch_only(script, tmp_path,
-                                                                       data_dir, capsys):
+                                                                       data_dir, capsys,
+                                                                       no_figures):
     """--beta 50 leaves no active unit, after three steps as after an epoch; only the epoch's
     warning means something."""
     few = quick(data_dir, tmp_path / "few", "--epochs", "1", "--beta", "50")
@@ -291,10 +286,9 @@ def test_device_gpu_without_a_gpu_is_refused_in_one_line_before_any_work(script,
     assert not out_dir.exists()
 
 
-def test_a_full_disk_or_a_damaged_checkpoint_loses_nothing(script, tmp_path, data_dir, capsys,
-                                                          monkeypatch):
-    out_dir = tmp_path / "out"
-    assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+def test_a_full_disk_or_a_damaged_checkpoint_loses_nothing(script, tmp_path, finished_run, capsys,
+                                                          monkeypatch, no_figures):
+    out_dir = shutil.copytree(finished_run, tmp_path / "out")
     before = {name: (out_dir / name).read_bytes() for name in (script.checkpoint, "metrics.json")}
 
     def disk_full(metrics, f, **kwargs):  # half a file, then the error a full disk gives
@@ -318,9 +312,9 @@ def test_a_full_disk_or_a_damaged_checkpoint_loses_nothing(script, tmp_path, dat
 
 
 def test_a_fresh_run_over_a_finished_one_is_refused_and_loses_nothing(script, tmp_path,
-                                                                      data_dir, capsys):
-    out_dir = tmp_path / "out"
-    assert call_main(script, quick(data_dir, out_dir, "--epochs", "1"), capsys)[0] == 0
+                                                                      data_dir, finished_run,
+                                                                      capsys, no_figures):
+    out_dir = shutil.copytree(finished_run, tmp_path / "out")
     before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
     for flags in ([], ["--latent-dim", "3", "--epochs", "2"]):
         code, err = call_main(script, quick(data_dir, out_dir, *flags), capsys)
