@@ -26,8 +26,7 @@ import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notices at start-up
-# The torch backend's OpenMP threads spin 300,000 turns before they sleep, which beside other
-# busy processes slows an epoch several times; 300 cost an idle machine nothing.
+# OpenMP's threads (the torch backend's) spin 300,000 turns idle: beside busy jobs, epochs crawl.
 os.environ.setdefault("GOMP_SPINCOUNT", "300")
 # JAX's preemption service, started with its processes, takes SIGTERM; a kill stops as Ctrl-C does.
 os.environ.setdefault("JAX_ENABLE_PREEMPTION_SERVICE", "false")
@@ -58,6 +57,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 FRAMEWORK, CHECKPOINT = "keras", "checkpoint.keras"
+RANK = int(os.environ.get("KERAS_DISTRIBUTION_PROCESS_ID", 0))  # this one, of JAX's processes
+PROCESSES = int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", 1))  # see distribution()
 
 # Model: the encoder q(z|x), the reparameterization, the decoder p(x|z) ------------------------
 HIDDEN = 256  # width of the fully connected layer next to z, in both architectures
@@ -108,8 +109,7 @@ def pixels(x):
 
 
 def check_labels(y, rows, num_classes):
-    """A conditional model's labels y as numpy: integers 0 to num_classes - 1, one for each of
-    the rows of x or z, or one for all; else a ValueError saying what y is. None without labels."""
+    """y as numpy labels 0 to num_classes - 1, one a row or one for all, else a ValueError."""
     if not num_classes:
         return None
     labels = np.asarray(y.cpu() if hasattr(y, "is_cuda") else y)  # a torch tensor on a GPU too
@@ -238,37 +238,36 @@ def label_marginal_nll(model, x, eps):
 
 
 # Training and evaluation (from kl_schedule on, the same text in both scripts) -----------------
-def epoch_inputs(train_set, args, epoch, parallel=(1, 0, 1)):
+def epoch_inputs(train_set, args, epoch, replicas=1):
     """fit()'s [images, labels]: each batch of epoch_order() (or this process's share), binary."""
-    replicas, rank, processes = parallel
     order = epoch_order(args, epoch, len(train_set[0]))
     order = order[:len(order) // replicas * replicas]
     batches = np.split(order, range(args.batch_size, len(order), args.batch_size))
-    order = np.concatenate([batch[rank::processes] for batch in batches])
+    order = np.concatenate([batch[RANK::PROCESSES] for batch in batches])
     x = train_set[0][order]
     if args.binarize == "dynamic":
-        x = binarize(x, stream_seed(args, "pixels", epoch, rank))
+        x = binarize(x, stream_seed(args, "pixels", epoch, RANK))
     return [x, train_set[1][order]]
 
 
 def train(model, optimizer, data, args, history):
     """Train epochs len(history) + 1 to --epochs on data = (train_set, test_set), each saved."""
-    (train_set, (x_test, y_test)), (replicas, rank, processes) = data, data_parallel()
+    (train_set, (x_test, y_test)), replicas = data, data_parallel_devices()
     for epoch in range(len(history) + 1, args.epochs + 1):
         start = time.perf_counter()
-        # The same in every process: the global batch's eps are drawn once, and sharded.
-        model.seed_generator.state.assign([stream_seed(args, "noise", epoch), 0])  # eps: resumable
+        # eps, resumable; the same in every process: the global batch's, drawn once and sharded
+        model.seed_generator.state.assign([stream_seed(args, "noise", epoch), 0])
         model.kl_weight.assign(kl_schedule(args, epoch))
         optimizer.learning_rate.assign(args.lr * args.lr_decay ** (epoch - 1))
-        logs = model.fit(epoch_inputs(train_set, args, epoch, (replicas, rank, processes)),
-                         batch_size=args.batch_size // processes, shuffle=False, verbose=0).history
-        scores = model.evaluate([x_test[rank::processes], y_test[rank::processes]], verbose=0,
-                                batch_size=EVAL_BATCH_SIZE // replicas * replicas // processes,
+        logs = model.fit(epoch_inputs(train_set, args, epoch, replicas),
+                         batch_size=args.batch_size // PROCESSES, shuffle=False, verbose=0).history
+        scores = model.evaluate([x_test[RANK::PROCESSES], y_test[RANK::PROCESSES]], verbose=0,
+                                batch_size=EVAL_BATCH_SIZE // replicas * replicas // PROCESSES,
                                 return_dict=True)
         losses = {"train": {key: value[0] for key, value in logs.items()}, "test": scores}
         record = epoch_record(args, history, losses, posterior_means(model, data[1]),
                               time.perf_counter() - start)
-        if rank == 0:
+        if RANK == 0:
             save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, args, history + [record])
         history.append(record)  # once saved: a stop reports what the checkpoint holds
 
@@ -356,8 +355,7 @@ def load_data(args):
         path, arrays = read_data(folder, args.dataset)
     else:
         path, arrays = args.dataset, download(args.dataset)
-    (x_train, y_train), (x_test, y_test) = (split_of(path, arrays, split)
-                                            for split in ("train", "test"))
+    (x_train, y_train), (x_test, y_test) = (split_of(path, arrays, s) for s in ("train", "test"))
     if args.conditional and min(y_train.min(), y_test.min()) < 0:
         raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
     x_train = binarize(x_train, seed=1234) if args.binarize == "static" else x_train
@@ -466,8 +464,7 @@ def save_figures(args, history, test_set, z_mean, decode):
 
 
 def interpolation_ends(labels, conditional, pairs=8):
-    """The images to join: each class's first to the next class's; with --conditional (whose
-    decoder holds one label) or one class, a class's first two; no labels: #0-7 to #8-15."""
+    """Images to join: each class's first to the next's; a class's first two if the label holds."""
     if labels.min() < 0:
         return np.arange(pairs), np.arange(pairs, 2 * pairs)
     members = [np.flatnonzero(labels == k) for k in np.unique(labels)]
@@ -570,7 +567,7 @@ def load_checkpoint(path):
 
 
 def distribution(args):
-    """(devices, the scope to train in, this process's rank): data-parallel over several."""
+    """(devices, the scope to train in): data-parallel over several, and several processes."""
     backend, processes = keras.backend.backend(), "KERAS_DISTRIBUTION_NUM_PROCESSES" in os.environ
     if backend != "jax" and (processes or backend == "tensorflow" and "TF_CONFIG" in os.environ):
         raise UserError(f"{'KERAS_DISTRIBUTION_*' if processes else 'TF_CONFIG'}: several "
@@ -589,35 +586,32 @@ def distribution(args):
         cpus = keras.distribution.list_devices("cpu")
     if args.device == "gpu" and not gpus:
         raise UserError(f"--device gpu: Keras's {backend} backend sees no GPU; use --device cpu")
-    names, (_, rank, processes) = gpus if gpus and args.device != "cpu" else cpus, data_parallel()
-    if backend == "jax" and names == cpus and len(names) > processes:  # jax-ml/jax#25861 is akin
-        raise UserError(f"JAX shows {len(names) // processes} CPU devices a process: they "
+    names = gpus if gpus and args.device != "cpu" else cpus
+    if backend == "jax" and names == cpus and len(names) > PROCESSES:  # jax-ml/jax#25861 is akin
+        raise UserError(f"JAX shows {len(names) // PROCESSES} CPU devices a process: they "
                         "deadlock in training; start a process a device with KERAS_DISTRIBUTION_*")
-    if rank > 0:
+    if RANK > 0:
         sys.stdout = open(os.devnull, "w")
     if len(names) == 1:
-        return names, keras.device(names[0]), rank
+        return names, keras.device(names[0])
     if args.batch_size % len(names):
         raise UserError(f"--batch-size {args.batch_size} does not split evenly over "
                         f"{len(names)} data-parallel replicas")
     if backend == "jax":  # Keras's own data parallelism, each process feeding its share
         parallel = keras.distribution.DataParallel(devices=names, auto_shard_dataset=False)
-        return names, parallel.scope(), rank
+        return names, parallel.scope()
     import tensorflow as tf
-    return names, tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope(), rank
+    return names, tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
 
 
-def data_parallel():
-    """(devices JAX's DataParallel splits batches over, this process's rank, the processes)."""
+def data_parallel_devices():
+    """The devices JAX's DataParallel splits each batch over, which must split it evenly."""
     parallel = keras.distribution.distribution()
-    return (parallel.device_mesh.devices.size if parallel else 1,
-            int(os.environ.get("KERAS_DISTRIBUTION_PROCESS_ID", 0)),
-            int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", 1)))
+    return parallel.device_mesh.devices.size if parallel else 1
 
 
 def resume_flags(args, given, saved):
-    """The epochs done: --resume takes the checkpoint's flags (five may change) and history; a
-    fresh run never overwrites one."""
+    """--resume's checkpoint: its flags (five may change) and epochs done; else no overwrite."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} is a file; name a folder for the results")
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
@@ -747,13 +741,13 @@ def main(argv=None):
     args, given = parse_args(argv)
     history = []  # the epochs done, as a stop reports them
     with one_line_errors(args, history):
-        names, scope, rank = distribution(args)
+        names, scope = distribution(args)
         with scope:  # build, load and train the model there
             path = os.path.join(args.out_dir, CHECKPOINT)
             model, saved = load_checkpoint(path) if os.path.isfile(path) else (None, None)
             history.extend(resume_flags(args, given, saved))
             train_set, test_set = load_data(args)
-            if len(test_set[0]) % data_parallel()[0] and len(history) < args.epochs:
+            if len(test_set[0]) % data_parallel_devices() and len(history) < args.epochs:
                 raise UserError(f"the {len(test_set[0])} test images do not split evenly over "
                                 f"{len(names)} data-parallel devices; make fewer visible")
             os.makedirs(args.out_dir, exist_ok=True)
@@ -768,14 +762,14 @@ def main(argv=None):
             train(model, optimizer, (train_set, test_set), args, history)
         model = load_checkpoint(path)[0]  # this process's own copy, off the data-parallel devices
         decode = lambda z, y: ops.convert_to_numpy(model.decode(z, y))
-        if rank == 0:
+        if RANK == 0:
             save_figures(args, history, test_set, posterior_means(model, test_set), decode)
         iw_started = time.time()  # in every process: JAX ends them together, waiting 5 min at most
         iw_nll = iw_bound(model, test_set, args.iw_samples, stream_seed(args, "bound"))
         timing = {"training_started_at": started, "iw_seconds": time.time() - iw_started}
         backend = keras.backend.backend()
         versions = {"keras": keras.__version__, backend: __import__(backend).__version__}
-        if rank == 0:
+        if RANK == 0:
             write_metrics(args, {"framework": FRAMEWORK, "backend": backend, "device": where,
                                  "versions": versions, "timing": timing}, history, iw_nll)
 

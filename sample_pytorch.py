@@ -49,8 +49,7 @@ def build_encoder(arch):
         return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, HIDDEN), nn.ReLU())
     # Padding 1 places the windows where Keras's padding="same" does: the same 28 -> 14 -> 7.
     return nn.Sequential(
-        nn.Unflatten(1, (1, 28, 28)),
-        nn.Conv2d(1, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 32, 4, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(64 * 7 * 7, HIDDEN), nn.ReLU())
 
@@ -62,8 +61,7 @@ def build_decoder(arch, latent_dim):
                              nn.Linear(HIDDEN, 512), nn.ReLU(), nn.Linear(512, 784))
     return nn.Sequential(
         nn.Linear(latent_dim, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 64 * 7 * 7), nn.ReLU(),
-        nn.Unflatten(1, (64, 7, 7)),
-        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Unflatten(1, (64, 7, 7)), nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),
         nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1), nn.Flatten())
 
 
@@ -73,8 +71,7 @@ def reparameterize(z_mean, z_log_var, eps):
 
 
 def check_labels(y, rows, num_classes):
-    """A conditional model's labels y as numpy: integers 0 to num_classes - 1, one for each of
-    the rows of x or z, or one for all; else a ValueError saying what y is. None without labels."""
+    """y as numpy labels 0 to num_classes - 1, one a row or one for all, else a ValueError."""
     if not num_classes:
         return None
     labels = np.asarray(y.cpu() if hasattr(y, "is_cuda") else y)  # a torch tensor on a GPU too
@@ -209,11 +206,10 @@ def train(model, optimizer, data, args, history):
                            binarizer if args.binarize == "dynamic" else None)
         if world_size > 1:
             dist.all_reduce(sums)
-        reconstruction_loss, kl_loss, loss, images = sums.tolist()
+        reconstruction_loss, kl_loss, loss, count = sums.tolist()
         test_losses, z_mean = evaluate(model, test_set)
-        losses = {"train": {"reconstruction_loss": reconstruction_loss / images,
-                            "kl_loss": kl_loss / images, "loss": loss / images},
-                  "test": test_losses}
+        losses = {"test": test_losses, "train": {"reconstruction_loss": reconstruction_loss / count,
+                                                 "kl_loss": kl_loss / count, "loss": loss / count}}
         record = epoch_record(args, history, losses, z_mean, time.perf_counter() - start)
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, CHECKPOINT), model, optimizer, args,
@@ -313,8 +309,7 @@ def load_data(args):
         path, arrays = read_data(folder, args.dataset)
     else:
         path, arrays = args.dataset, download(args.dataset)
-    (x_train, y_train), (x_test, y_test) = (split_of(path, arrays, split)
-                                            for split in ("train", "test"))
+    (x_train, y_train), (x_test, y_test) = (split_of(path, arrays, s) for s in ("train", "test"))
     if args.conditional and min(y_train.min(), y_test.min()) < 0:
         raise UserError(f"{path}: --conditional needs labels, y_train and y_test")
     x_train = binarize(x_train, seed=1234) if args.binarize == "static" else x_train
@@ -428,8 +423,7 @@ def save_figures(args, history, test_set, z_mean, decode):
 
 
 def interpolation_ends(labels, conditional, pairs=8):
-    """The images to join: each class's first to the next class's; with --conditional (whose
-    decoder holds one label) or one class, a class's first two; no labels: #0-7 to #8-15."""
+    """Images to join: each class's first to the next's; a class's first two if the label holds."""
     if labels.min() < 0:
         return np.arange(pairs), np.arange(pairs, 2 * pairs)
     members = [np.flatnonzero(labels == k) for k in np.unique(labels)]
@@ -541,8 +535,7 @@ def start_processes(args):
 
 
 def resume_flags(args, given, saved):
-    """The epochs done: --resume takes the checkpoint's flags (five may change) and history; a
-    fresh run never overwrites one."""
+    """--resume's checkpoint: its flags (five may change) and epochs done; else no overwrite."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} is a file; name a folder for the results")
     path, done = os.path.join(args.out_dir, CHECKPOINT), len(saved["history"]) if saved else 0
