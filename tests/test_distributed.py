@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import (COPIED_RUN, ROOT, Script, call_main, copied_run, history, one_error_line,
@@ -205,6 +206,26 @@ def test_keras_on_jax_trains_over_two_processes_writes_once_resumes_either_way_a
     run(["sample_keras.py", "--resume", "--epochs", "4", "--out-dir", resumed],
         {"KERAS_BACKEND": "jax"})
     assert [r["epoch"] for r in history(resumed)] == [1, 2, 3, 4]
+
+
+def test_each_process_feeds_an_equal_share_of_every_batch_and_together_the_batch(monkeypatch):
+    """Keras on JAX in two processes: 73 images in batches of 10 are cut to 72, so that the
+    last batch splits too (an unequal share would leave one process a step the other never
+    takes); rank r takes rows r, r + 2, ... of each batch of the one epoch order."""
+    keras = Script("keras").module
+    args = keras.parse_args(["--batch-size", "10"])[0]
+    images = np.arange(73)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(keras, "RANK", rank)
+        monkeypatch.setattr(keras, "PROCESSES", 2)
+        shares.append(keras.epoch_inputs((images, images), args, 1, replicas=2)[0])
+    assert len(shares[0]) == len(shares[1]) == 36
+    order = keras.epoch_order(args, 1, 73)[:72]
+    for start in range(0, 36, 5):  # each process's batch of 5, from the global batch of 10
+        batch = order[2 * start:2 * start + 10]
+        np.testing.assert_array_equal(shares[0][start:start + 5], batch[0::2])
+        np.testing.assert_array_equal(shares[1][start:start + 5], batch[1::2])
 
 
 def test_several_jax_cpu_devices_in_one_process_are_refused_before_any_work(tmp_path, data_dir):
