@@ -134,6 +134,21 @@ def matmul_gflops():
 # The reference line: the DataLoader pattern of the well-known PyTorch example, same model.
 # ----------------------------------------------------------------------------------------------
 
+def torchvision_mnist(data_dir):
+    """A temporary folder holding data_dir's mnist.npz as the IDX files torchvision reads."""
+    root = tempfile.mkdtemp()
+    raw = Path(root, "MNIST", "raw")  # where torchvision.datasets.MNIST looks for its files
+    raw.mkdir(parents=True)
+    with np.load(Path(data_dir, "mnist.npz")) as data:
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            for key, kind in (("x", "images-idx3"), ("y", "labels-idx1")):
+                array = data[f"{key}_{split}"]  # as an IDX file: magic number, sizes, bytes
+                header = bytes([0, 0, 8, array.ndim]) + b"".join(
+                    n.to_bytes(4, "big") for n in array.shape)
+                (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + array.tobytes())
+    return root
+
+
 def reference(data_dir, epochs, arch, device):
     """Train sample_pytorch.VAE fed by torchvision's MNIST dataset with a ToTensor transform
     through a DataLoader (no workers, as the example runs on a CPU), then evaluate on the test
@@ -146,16 +161,7 @@ def reference(data_dir, epochs, arch, device):
     sys.path.insert(0, str(ROOT))
     import sample_pytorch as sp
 
-    root = tempfile.mkdtemp()
-    raw = Path(root, "MNIST", "raw")  # where torchvision.datasets.MNIST looks for its files
-    raw.mkdir(parents=True)
-    with np.load(Path(data_dir, "mnist.npz")) as data:
-        for split, prefix in (("train", "train"), ("test", "t10k")):
-            for key, kind in (("x", "images-idx3"), ("y", "labels-idx1")):
-                array = data[f"{key}_{split}"]  # as an IDX file: magic number, sizes, bytes
-                header = bytes([0, 0, 8, array.ndim]) + b"".join(
-                    n.to_bytes(4, "big") for n in array.shape)
-                (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + array.tobytes())
+    root = torchvision_mnist(data_dir)
     loader, test_loader = (
         torch.utils.data.DataLoader(torchvision.datasets.MNIST(root, train=train,
                                                                transform=transforms.ToTensor()),
@@ -281,8 +287,13 @@ def print_table(results):
               f"{run['start_up']:7.2f}s {run['warm_up']:7.2f}s {run['first_step']:7.2f}s "
               f"{run['wall']:6.1f}s {run['peak_rss_mb']:7.0f}MB "
               f"{run['peak_rss_mb'] - imports[framework]:9.0f}MB {run['test_loss']:9.2f}")
+    print_ratios(results)
+
+
+def print_ratios(results):
+    """The imports' memory, each ratio with its rounds' spread, the matrix product and bound."""
     print()
-    for framework, rss in imports.items():
+    for framework, rss in results["import_rss_mb"].items():
         print(f"importing {framework} alone: {rss:.0f} MB peak RSS; with an Adam made too: "
               f"{results['import_and_adam_rss_mb'][framework]:.0f} MB")
     spread = lambda values: (f" (median of {len(values)} rounds: {min(values):.2f}x to "

@@ -91,8 +91,8 @@ def test_a_ratio_is_the_median_of_the_rounds_ratios_not_a_ratio_of_medians(monke
     out = capsys.readouterr().out
     # Keras over PyTorch by round: 3, 1, 0.5 (a ratio of the medians would say 3 / 2 = 1.5);
     # PyTorch over the reference: 4, 3, 1.5 (4 / 2 = 2 from the medians).
-    assert "sample_keras.py on tensorflow takes 1.00x the seconds per epoch of sample_pytorch.py (median of " \
-           "3 rounds: 0.50x to 3.00x)" in out
+    assert ("sample_keras.py on tensorflow takes 1.00x the seconds per epoch of sample_pytorch.py"
+            " (median of 3 rounds: 0.50x to 3.00x)") in out
     assert "sample_pytorch.py is 3.00x faster per epoch than the DataLoader reference" in out
     assert "pytorch/mlp" in out and "   2.000" in out  # its median seconds per epoch
 

@@ -200,7 +200,8 @@ def test_a_conditional_model_takes_labels_of_every_array_type_and_says_what_else
 
 @pytest.mark.parametrize("script", ["keras"], indirect=True)
 def test_a_keras_vae_never_compiled_saves_and_loads_too(script, tmp_path):
-    """Keras gives no compile config before compile(): the checkpoint's optimizer fix-up skips it."""
+    """Keras gives no compile config before compile(): the checkpoint's optimizer fix-up skips
+    it."""
     model = script.model(num_classes=10)
     model.save(tmp_path / "vae.keras")
     loaded = script.keras.saving.load_model(tmp_path / "vae.keras")
