@@ -463,10 +463,10 @@ def save_latent_plots(args, z_mean, labels, decode):
 def mosaic(images, cols, title, row_labels=(), extent=None):
     """Axes of a new figure of (N, 784) images in rows of `cols`, labelled by row or by `extent`."""
     rows = len(images) // cols
-    pixels = np.asarray(images).reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3)
+    tiles = np.asarray(images).reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3)
     ax = Figure(figsize=(cols * 28 / 45 + 1.6, rows * 28 / 45 + 0.6), layout="tight").subplots()
     # Scaled as grey values, coloured after: the same picture at a third of savefig's memory.
-    ax.imshow(pixels.reshape(rows * 28, cols * 28), cmap="gray", vmin=0, vmax=1,
+    ax.imshow(tiles.reshape(rows * 28, cols * 28), cmap="gray", vmin=0, vmax=1,
               interpolation="nearest", interpolation_stage="data", extent=extent)
     if extent is None:
         ax.set(xticks=[], yticks=np.arange(len(row_labels)) * 28 + 14, yticklabels=row_labels)
