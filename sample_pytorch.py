@@ -102,7 +102,7 @@ class VAE(nn.Module):
         return torch.cat([h, one_hot.to(h.dtype).expand(*h.shape[:-1], -1)], -1)
 
     def encode(self, x, y=None):
-        """Images x (N, 784) -> (z_mean, z_log_var) of q(z|x), each (N, latent_dim)."""
+        """x (N, 784) -> q(z|x)'s (z_mean, z_log_var), each (N, latent_dim); y as for decode."""
         features = self.with_label(self.encoder(x), check_labels(y, len(x), self.num_classes))
         return self.z_mean(features), self.z_log_var(features)
 
@@ -112,7 +112,7 @@ class VAE(nn.Module):
         return self.decoder(z.flatten(0, -2)).unflatten(0, z.shape[:-1])
 
     def decode(self, z, y=None):
-        """z (N, latent_dim) -> p(x|z)'s pixel means (N, 784), the sigmoid of the logits."""
+        """z (N, latent_dim) -> p(x|z)'s pixel means (N, 784); y: a label a row, or one for all."""
         return torch.sigmoid(self.decode_logits(z, check_labels(y, z.shape[-2], self.num_classes)))
 
     def forward(self, x, y=None):
