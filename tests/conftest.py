@@ -24,6 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vae-tests-jax-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # they compile fast
+# On a GPU, TensorFlow and JAX multiply float32 matrices in TensorFloat-32 by default, 10 bits
+# of mantissa: the tests' float32 comparisons (to 1e-5) need full float32 there too.
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 # A job that a non-interactive shell starts in the background has SIGINT ignored, and every
 # process it starts inherits that; Ctrl-C's tests need the scripts to receive it.
