@@ -604,6 +604,15 @@ def distribution(args):
     return names, tf.distribute.MirroredStrategy([f"/{d}" for d in names]).scope()
 
 
+def local_copy(model):
+    """The trained model as this process's own, off the data-parallel devices (each process's,
+    from memory: another process's checkpoint may not be written yet, or on another machine)."""
+    copy = VAE.from_config(model.get_config())
+    copy([keras.Input((784,)), keras.Input((), dtype="int32")])
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def data_parallel_devices():
     """The devices JAX's DataParallel splits each batch over, which must split it evenly."""
     parallel = keras.distribution.distribution()
@@ -760,7 +769,7 @@ def main(argv=None):
                   f"{len(train_set[0])} training and {len(test_set[0])} test images", flush=True)
             started = time.time()
             train(model, optimizer, (train_set, test_set), args, history)
-        model = load_checkpoint(path)[0]  # this process's own copy, off the data-parallel devices
+        model = local_copy(model)
         decode = lambda z, y: ops.convert_to_numpy(model.decode(z, y))
         if RANK == 0:
             save_figures(args, history, test_set, posterior_means(model, test_set), decode)

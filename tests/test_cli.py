@@ -14,7 +14,8 @@ OWN = {"FRAMEWORK", "CHECKPOINT", "init", "build_encoder", "build_decoder", "rep
        "importance_weighted_nll", "label_marginal_nll", "epoch_inputs", "train_epoch", "train",
        "evaluate", "posterior_means", "iw_bound", "download", "save_checkpoint",
        "load_checkpoint", "start_processes", "devices", "distribution", "main", "NOTICES",
-       "tensorflow_notices_dropped", "new_model", "data_parallel_devices", "RANK", "PROCESSES"}
+       "tensorflow_notices_dropped", "new_model", "data_parallel_devices", "local_copy", "RANK",
+       "PROCESSES"}
 
 
 def top_level(path):

@@ -113,9 +113,9 @@ def test_keras_trains_data_parallel_over_every_device_it_sees_and_resumes(tmp_pa
     assert [r["epoch"] for r in history(resumed)] == [1, 2, 3]
 
 
-# main() on each command line in turn, in one of several processes that JAX joins once, each
-# run begun as a fresh process begins; each process says on stderr what it writes, and how a
-# run that stopped ended.
+# main() on each command line in turn (RANK in it: the process's), in one of several processes
+# that JAX joins once, each run begun as a fresh process begins; each process says on stderr
+# what it writes, and how a run that stopped ended.
 IN_EACH_PROCESS = """import shlex, sys
 import keras
 import sample_keras
@@ -132,7 +132,7 @@ for name in ("save_checkpoint", "save_figures", "write_metrics"):
 for argv in sys.argv[1:]:
     keras.utils.set_random_seed(0)  # every process the same draws
     try:
-        sample_keras.main(shlex.split(argv))
+        sample_keras.main(shlex.split(argv.replace("RANK", str(sample_keras.RANK))))
     except SystemExit as stop:
         print("exit", stop.code, file=sys.stderr, flush=True)
 """
@@ -164,13 +164,14 @@ def test_keras_on_jax_trains_over_two_processes_writes_once_resumes_either_way_a
     test_runs.py), with the checkpoint, figures and metrics.json written by the first alone; a
     one-process checkpoint resumes on two and back; a test set of 61 images cannot split, and is
     refused before any folder is made, unless nothing is left to train; Ctrl-C to both stops
-    both, the checkpoint whole."""
+    both, the checkpoint whole. The fresh run has a folder a process, as machines without a
+    shared disk would: the second never reads the first's checkpoint."""
     folder = copied_run("keras", "jax", shared_tmp, data_dir)
-    one, two = folder / "outputs" / "keras", tmp_path / "two"
+    one, two = folder / "outputs" / "keras", tmp_path / "two-0"
     resumed, stopped = shutil.copytree(one, tmp_path / "resumed"), tmp_path / "stopped"
     odd = write_dataset(tmp_path / "odd", n_train=201, n_test=61)
     slow = write_dataset(tmp_path / "slow", n_train=1000, n_test=50)
-    commands = [["--data-dir", folder / "idx", *COPIED_RUN, "--out-dir", two],
+    commands = [["--data-dir", folder / "idx", *COPIED_RUN, "--out-dir", tmp_path / "two-RANK"],
                 ["--resume", "--epochs", "3", "--out-dir", resumed],
                 ["--resume", "--epochs", "0", "--data-dir", odd, "--out-dir", resumed],
                 ["--data-dir", odd, "--device", "cpu", "--out-dir", tmp_path / "odd-run"],
@@ -196,7 +197,8 @@ def test_keras_on_jax_trains_over_two_processes_writes_once_resumes_either_way_a
     assert err.count("writes save_figures") == err.count("writes write_metrics") == 3
     same_training(one, two)
     assert "K=5 samples for 61 test images" in out  # nothing to train, so nothing to split
-    for log in (err, written):
+    for log in (err, written):  # the refused run and the stopped one, no other
+        assert log.count("exit ") == 2, log[-3000:]
         assert "the 61 test images do not split evenly over 2" in log and "exit 1" in log
         assert "stopped in epoch 2; checkpoint.keras keeps epoch 1" in log and "exit 130" in log
     assert not (tmp_path / "odd-run").exists() and [r["epoch"] for r in history(resumed)] == [
