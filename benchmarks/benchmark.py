@@ -52,6 +52,7 @@ IMPORTS = {"pytorch": "import torch", "keras": "import keras", "keras-jax": "imp
 WITH_ADAM = {"pytorch": "; torch.optim.Adam([torch.zeros(1, requires_grad=True)])",
              "keras": "; keras.optimizers.Adam()", "keras-jax": "; keras.optimizers.Adam()"}
 LATENT_DIM = 20
+BATCH_SIZE = 128  # every run's, the reference's too
 SPINNER = "while True: pass  # benchmark.py --busy"  # one core's worth of someone else's work
 
 
@@ -78,7 +79,7 @@ def script_run(framework, arch, args, out_dir, *more):
     script, backend = SCRIPTS[framework]
     argv = [sys.executable, str(ROOT / f"sample_{script}.py"), "--data-dir", str(args.data),
             "--out-dir", str(out_dir), "--arch", arch, "--latent-dim", str(LATENT_DIM),
-            "--batch-size", "128", "--device", args.device, *map(str, more)]
+            "--batch-size", str(BATCH_SIZE), "--device", args.device, *map(str, more)]
     rss, wall, started = measure(argv, backend)
     return rss, wall, started, json.loads((out_dir / "metrics.json").read_text())
 
@@ -91,8 +92,9 @@ def measure_script(framework, arch, args, out_dir):
     seconds = [record["seconds"] for record in metrics["history"]]
     median = statistics.median(seconds[1:])
     start_up = metrics["timing"]["training_started_at"] - started
-    steps = metrics["config"]["steps_per_epoch"] or -(-args.train_images // 128)
-    limit = min(steps * 128, args.train_images) * 3 * 2 * model_macs(arch) / args.gflops / 1e9
+    steps = metrics["config"]["steps_per_epoch"] or -(-args.train_images // BATCH_SIZE)
+    images = min(steps * BATCH_SIZE, args.train_images)  # trained on each epoch
+    limit = images * 3 * 2 * model_macs(arch) / args.gflops / 1e9
     bound = metrics["timing"]["iw_seconds"]
     return {"seconds_per_epoch": median, "over_limit": median / limit,
             "worst_over_median": max(seconds[1:]) / median, "start_up": start_up,
@@ -165,7 +167,7 @@ def reference(data_dir, epochs, arch, device):
     loader, test_loader = (
         torch.utils.data.DataLoader(torchvision.datasets.MNIST(root, train=train,
                                                                transform=transforms.ToTensor()),
-                                    batch_size=128, shuffle=train)
+                                    batch_size=BATCH_SIZE, shuffle=train)
         for train in (True, False))
     device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
